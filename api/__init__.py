@@ -1,0 +1,1 @@
+"""The REST API process: `/v1/...`, health probes and OpenAPI docs."""

@@ -1,0 +1,1 @@
+"""SQL storage: SQLModel tables, engines and Alembic migrations."""
