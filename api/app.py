@@ -64,4 +64,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, agents, phone_numbers, tools, api_keys):
         app.include_router(module.router)
     return app
-

@@ -34,9 +34,7 @@ class TemporalProbe:
     async def reachable(self) -> bool:
         try:
             client = await self.client()
-            return await asyncio.wait_for(
-                client.service_client.check_health(), self.timeout_s
-            )
+            return await asyncio.wait_for(client.service_client.check_health(), self.timeout_s)
         except Exception:
             return False
 

@@ -8,7 +8,7 @@ ignored setting.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, fiel
 ASR_PROVIDERS = ("deepgram", "whisper-local")
 LLM_PROVIDERS = ("openai",)
 TTS_PROVIDERS = ("elevenlabs", "piper-local")
-WEBHOOK_EVENTS = ("call.started", "call.ended", "call.analyzed", "call.transferred", "tool.called")
 
 AsrProvider = Literal["deepgram", "whisper-local"]
 LlmProvider = Literal["openai"]
@@ -25,6 +24,13 @@ TtsProvider = Literal["elevenlabs", "piper-local"]
 WebhookEvent = Literal[
     "call.started", "call.ended", "call.analyzed", "call.transferred", "tool.called"
 ]
+
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = get_args(WebhookEvent)
+
+
+def _all_webhook_events() -> list[WebhookEvent]:
+    return list(WEBHOOK_EVENTS)
+
 
 _TEMPLATE_TAG = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -92,7 +98,9 @@ class AsrConfig(_Strict):
     provider: AsrProvider = "deepgram"
     model: str | None = Field(default=None, max_length=200)
     base_url: HttpUrl | None = None
-    keywords: list[Annotated[str, Field(max_length=100)]] = Field(default_factory=list, max_length=100)
+    keywords: list[Annotated[str, Field(max_length=100)]] = Field(
+        default_factory=list, max_length=100
+    )
 
 
 class TtsConfig(_Strict):
@@ -105,7 +113,10 @@ class TtsConfig(_Strict):
 
 class TurnConfig(_Strict):
     endpointing_ms: int = Field(
-        default=300, ge=50, le=5_000, description="Silence after speech that ends the caller's turn."
+        default=300,
+        ge=50,
+        le=5_000,
+        description="Silence after speech that ends the caller's turn.",
     )
     digit_patience_ms: int = Field(
         default=1_000,
@@ -169,7 +180,7 @@ class AgentConfig(_Strict):
     )
     analysis: AnalysisPlan = Field(default_factory=AnalysisPlan)
     webhook_url: HttpUrl | None = None
-    webhook_events: list[WebhookEvent] = Field(default_factory=lambda: list(WEBHOOK_EVENTS))
+    webhook_events: list[WebhookEvent] = Field(default_factory=_all_webhook_events)
     variables: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], VariableValue] = (
         Field(default_factory=dict, max_length=200)
     )
@@ -189,4 +200,6 @@ class AgentConfig(_Strict):
         return value
 
     def system_prompt(self, call_variables: dict[str, VariableValue] | None = None) -> str:
-        return render_template(self.brain.system_prompt, {**self.variables, **(call_variables or {})})
+        return render_template(
+            self.brain.system_prompt, {**self.variables, **(call_variables or {})}
+        )

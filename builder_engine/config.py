@@ -53,12 +53,15 @@ class Settings(BaseSettings):
         default="builder-engine", description="Task queue of the platform's Temporal worker."
     )
     temporal_ui_port: int = Field(
-        default=8233, description="Port of the dev server's Web UI (only when Temporal is embedded)."
+        default=8233,
+        description="Port of the dev server's Web UI (only when Temporal is embedded).",
     )
     temporal_port: int = Field(
         default=7233, description="Port of the embedded Temporal dev server's frontend."
     )
-    host: str = Field(default="127.0.0.1", description="Interface the API and realtime servers bind.")
+    host: str = Field(
+        default="127.0.0.1", description="Interface the API and realtime servers bind."
+    )
     api_port: int = Field(default=8000, description="Port of the REST API.")
     realtime_port: int = Field(default=8001, description="Port of the realtime (media) server.")
     public_url: str | None = Field(
@@ -84,7 +87,9 @@ class Settings(BaseSettings):
         default=600, ge=1, description="API requests allowed per organization per minute."
     )
     rate_limit_burst: int = Field(
-        default=100, ge=1, description="Requests an organization may send at once before the rate applies."
+        default=100,
+        ge=1,
+        description="Requests an organization may send at once before the rate applies.",
     )
     max_body_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest request body the API accepts (413 above)."

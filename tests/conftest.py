@@ -120,3 +120,14 @@ async def api(db_settings: Settings) -> AsyncIterator[ApiHarness]:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+def installed_binary(name: str) -> str:
+    """A binary a pip package installed into this venv (temporal, temporal-test-server)."""
+    import shutil
+
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed; run the README's test command")
+    return found

@@ -67,12 +67,18 @@ async def test_invalid_configs_are_422_naming_the_field(api: ApiHarness) -> None
         ({"brain": {**AGENT["brain"], "temperature": 5}}, "brain.temperature"),
         ({"asr": {"provider": "nonexistent"}}, "asr.provider"),
         ({"tts": {"provider": "elevenlabs", "voice": "x", "colour": "red"}}, "tts.colour"),
-        ({"brain": {**AGENT["brain"], "system_prompt": "Hi {{ not valid }}"}}, "brain.system_prompt"),
+        (
+            {"brain": {**AGENT["brain"], "system_prompt": "Hi {{ not valid }}"}},
+            "brain.system_prompt",
+        ),
         ({"first_speaker": "caller"}, "first_message"),
         ({"turn": {"endpointing_ms": -1}}, "turn.endpointing_ms"),
         ({"language": "English!"}, "language"),
         ({"webhook_url": "not a url"}, "webhook_url"),
-        ({"analysis": {"structured_data_schema": {"type": "string"}}}, "analysis.structured_data_schema"),
+        (
+            {"analysis": {"structured_data_schema": {"type": "string"}}},
+            "analysis.structured_data_schema",
+        ),
         ({"tools": ["tool_doesnotexist"]}, "tools.0"),
         ({"name": ""}, "name"),
     ]
@@ -148,7 +154,8 @@ async def test_version_history_pages(api: ApiHarness) -> None:
     assert [v["version"] for v in first["data"]] == [4, 3, 2]
     second = (
         await api.acme.client.get(
-            f"/v1/agents/{agent['id']}/versions", params={"limit": 3, "cursor": first["next_cursor"]}
+            f"/v1/agents/{agent['id']}/versions",
+            params={"limit": 3, "cursor": first["next_cursor"]},
         )
     ).json()
     assert [v["version"] for v in second["data"]] == [1]
@@ -209,5 +216,7 @@ async def test_agent_with_tools_by_reference(api: ApiHarness) -> None:
     foreign = await api.globex.client.post("/v1/agents", json={**AGENT, "tools": [tool_id]})
     assert foreign.status_code == 422
     assert foreign.json()["errors"][0]["field"] == "tools.0"
-    duplicate = await api.acme.client.post("/v1/agents", json={**AGENT, "tools": [tool_id, tool_id]})
+    duplicate = await api.acme.client.post(
+        "/v1/agents", json={**AGENT, "tools": [tool_id, tool_id]}
+    )
     assert duplicate.status_code == 422

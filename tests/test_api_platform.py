@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from conftest import ApiHarness
 from sqlmodel import SQLModel
 
 import builder_engine.db.models  # noqa: F401
@@ -18,7 +19,6 @@ from api.ratelimit import InProcessRateLimiter, Rate, RedisRateLimiter
 from builder_engine.apikeys import create_org_api_key
 from builder_engine.config import Settings
 from builder_engine.db.engine import create_sync_engine
-from conftest import ApiHarness
 
 
 async def test_healthz_and_readyz_say_what_is_missing(api: ApiHarness) -> None:
@@ -89,18 +89,17 @@ async def test_rate_limited_requests_get_429_with_retry_after(
     )
     key = create_org_api_key(settings, f"busy-{secrets.token_hex(3)}")
     app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://testserver",
-            headers={"Authorization": f"Bearer {key}"},
-        ) as client:
-            codes = [(await client.get("/v1/agents")).status_code for _ in range(5)]
-            assert codes == [200, 200, 429, 429, 429]
-            limited = await client.get("/v1/agents")
-            assert limited.status_code == 429
-            assert int(limited.headers["retry-after"]) >= 1
-            assert limited.json()["type"].endswith("/rate-limited")
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://testserver",
+        headers={"Authorization": f"Bearer {key}"},
+    ) as client:
+        codes = [(await client.get("/v1/agents")).status_code for _ in range(5)]
+        assert codes == [200, 200, 429, 429, 429]
+        limited = await client.get("/v1/agents")
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1
+        assert limited.json()["type"].endswith("/rate-limited")
 
 
 async def test_openapi_documents_every_operation(api: ApiHarness) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 
 import httpx
-
 from conftest import ApiHarness
 
 

@@ -76,8 +76,9 @@ async def _check_tools(session: AsyncSession, organization_id: str, config: Agen
         if tool_id not in found
     ]
     if errors:
-        raise ApiError(422, "The agent refers to unknown tools.", kind="validation-error",
-                       errors=errors)
+        raise ApiError(
+            422, "The agent refers to unknown tools.", kind="validation-error", errors=errors
+        )
 
 
 def _agent_out(agent: Agent, version: AgentVersion) -> AgentOut:
@@ -127,7 +128,9 @@ async def create_agent(config: AgentConfig, auth: Auth, session: Session) -> Age
     """Creates the agent with version 1, published, so a number assigned to it answers."""
     await _check_tools(session, auth.organization_id, config)
     agent = Agent(
-        organization_id=auth.organization_id, name=config.name, latest_version=1,
+        organization_id=auth.organization_id,
+        name=config.name,
+        latest_version=1,
         published_version=1,
     )
     version = AgentVersion(
@@ -153,17 +156,22 @@ async def list_agents(
         str | None, Query(max_length=200, description="Only agents whose name contains this.")
     ] = None,
     published: Annotated[
-        bool | None, Query(description="Only agents with (true) or without (false) a published version.")
+        bool | None,
+        Query(description="Only agents with (true) or without (false) a published version."),
     ] = None,
 ) -> Page[AgentOut]:
-    query = select(Agent, AgentVersion).join(
-        AgentVersion,
-        (col(AgentVersion.agent_id) == col(Agent.id))
-        & (col(AgentVersion.version) == col(Agent.latest_version)),
-    ).where(
-        Agent.organization_id == auth.organization_id,
-        col(Agent.deleted_at).is_(None),
-        after_cursor(col(Agent.created_at), col(Agent.id), cursor),
+    query = (
+        select(Agent, AgentVersion)
+        .join(
+            AgentVersion,
+            (col(AgentVersion.agent_id) == col(Agent.id))
+            & (col(AgentVersion.version) == col(Agent.latest_version)),
+        )
+        .where(
+            Agent.organization_id == auth.organization_id,
+            col(Agent.deleted_at).is_(None),
+            after_cursor(col(Agent.created_at), col(Agent.id), cursor),
+        )
     )
     if name:
         query = query.where(func.lower(col(Agent.name)).contains(name.lower(), autoescape=True))

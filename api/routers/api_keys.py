@@ -37,7 +37,10 @@ async def list_api_keys(auth: Auth, session: Session) -> list[ApiKeyOut]:
 
 
 @router.delete(
-    "/{key_id}", status_code=204, response_class=Response, responses=NOT_FOUND,
+    "/{key_id}",
+    status_code=204,
+    response_class=Response,
+    responses=NOT_FOUND,
     summary="Revoke an API key",
 )
 async def revoke_api_key(key_id: str, auth: Auth, session: Session) -> Response:

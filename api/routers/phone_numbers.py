@@ -43,7 +43,10 @@ async def _check_agent(session: AsyncSession, organization_id: str, agent_id: st
 
 
 @router.post(
-    "", status_code=201, response_model=PhoneNumberOut, responses=CONFLICT,
+    "",
+    status_code=201,
+    response_model=PhoneNumberOut,
+    responses=CONFLICT,
     summary="Add a phone number",
 )
 async def create_phone_number(

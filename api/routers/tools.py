@@ -65,7 +65,9 @@ async def _commit_unique_name(session: AsyncSession, name: str) -> None:
         raise ApiError(409, f"A tool named '{name}' already exists.", kind="conflict") from None
 
 
-@router.post("", status_code=201, response_model=ToolOut, responses=CONFLICT, summary="Create a tool")
+@router.post(
+    "", status_code=201, response_model=ToolOut, responses=CONFLICT, summary="Create a tool"
+)
 async def create_tool(body: ToolCreate, auth: Auth, session: Session) -> ToolOut:
     if body.kind == "webhook" and body.url is None:
         raise field_error("url", "a webhook tool needs the url to call")
@@ -112,7 +114,9 @@ async def get_tool(tool_id: str, auth: Auth, session: Session) -> ToolOut:
 
 
 @router.patch(
-    "/{tool_id}", response_model=ToolOut, responses={**NOT_FOUND, **CONFLICT},
+    "/{tool_id}",
+    response_model=ToolOut,
+    responses={**NOT_FOUND, **CONFLICT},
     summary="Update a tool",
 )
 async def update_tool(tool_id: str, body: ToolUpdate, auth: Auth, session: Session) -> ToolOut:
@@ -140,7 +144,10 @@ async def update_tool(tool_id: str, body: ToolUpdate, auth: Auth, session: Sessi
 
 
 @router.delete(
-    "/{tool_id}", status_code=204, response_class=Response, responses=NOT_FOUND,
+    "/{tool_id}",
+    status_code=204,
+    response_class=Response,
+    responses=NOT_FOUND,
     summary="Delete a tool",
 )
 async def delete_tool(tool_id: str, auth: Auth, session: Session) -> Response:

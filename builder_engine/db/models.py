@@ -73,7 +73,9 @@ class AgentVersion(SQLModel, table=True):
     __tablename__ = "agent_version"
     __table_args__ = (sa.UniqueConstraint("agent_id", "version", name="uq_agent_version"),)
 
-    id: str = Field(default_factory=lambda: new_id("agent_version"), primary_key=True, max_length=40)
+    id: str = Field(
+        default_factory=lambda: new_id("agent_version"), primary_key=True, max_length=40
+    )
     organization_id: str = _org_fk()
     agent_id: str = Field(foreign_key="agent.id", index=True, max_length=40)
     version: int
@@ -102,7 +104,10 @@ class Call(SQLModel, table=True):
     agent_version: int
     # A number removed later must not erase or block the history of its calls.
     phone_number_id: str | None = Field(
-        default=None, foreign_key="phone_number.id", ondelete="SET NULL", index=True,
+        default=None,
+        foreign_key="phone_number.id",
+        ondelete="SET NULL",
+        index=True,
         max_length=40,
     )
     direction: str = Field(max_length=10)

@@ -1,0 +1,1 @@
+"""Temporal activity implementations: the I/O the workflows ask for."""

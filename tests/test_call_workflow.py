@@ -1,0 +1,149 @@
+"""CallWorkflow on the time-skipping test server, writing to a real database."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from conftest import installed_binary
+from sqlmodel import Session, select
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from activities.calls import CallActivities
+from builder_engine.calls import CallStatus, EndedReason
+from builder_engine.config import SEARCH_ATTRIBUTES, Settings
+from builder_engine.db.engine import create_async_db_engine, create_sync_engine
+from builder_engine.db.models import Agent, Call, CallTurn, Organization
+from builder_engine.temporal_setup import INDEXED_VALUE_TYPES
+from workers.temporal_worker import build_worker
+from workflows.call import TURN_FLUSH_SIZE
+from workflows.types import CallStart, CommittedTurn
+
+
+@pytest.fixture(scope="module")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=installed_binary("temporal-test-server")
+    )
+    try:
+        # The test server lacks ListSearchAttributes, so register them blindly.
+        await env.client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(
+                namespace=env.client.namespace,
+                search_attributes={
+                    name: INDEXED_VALUE_TYPES[kind] for name, kind in SEARCH_ATTRIBUTES.items()
+                },
+            )
+        )
+        yield env
+    finally:
+        await env.shutdown()
+
+
+def _make_call(settings: Settings) -> CallStart:
+    engine = create_sync_engine(settings)
+    with Session(engine) as session:
+        org = Organization(name=f"org-{uuid.uuid4().hex[:8]}")
+        agent = Agent(organization_id=org.id, name="a", published_version=1)
+        call = Call(
+            organization_id=org.id,
+            agent_id=agent.id,
+            agent_version=1,
+            direction="inbound",
+            from_number="+14155550100",
+            to_number="+14155550111",
+        )
+        session.add(org)
+        session.flush()
+        session.add(agent)
+        session.flush()
+        session.add(call)
+        session.commit()
+        start = CallStart(
+            call_id=call.id,
+            organization_id=org.id,
+            agent_id=agent.id,
+            agent_version=1,
+            direction="inbound",
+        )
+    engine.dispose()
+    return start
+
+
+def _turn(index: int) -> CommittedTurn:
+    speaker = "caller" if index % 2 == 0 else "agent"
+    return CommittedTurn(
+        index=index,
+        speaker=speaker,
+        text=f"turn {index}",
+        interrupted=index == 3,
+        started_at=datetime.now(UTC),
+        latency={"voice_to_voice_ms": 412.0} if index % 2 else {},
+    )
+
+
+async def test_call_workflow_records_the_call_and_batches_turns(
+    temporal_env: WorkflowEnvironment, db_settings: Settings
+) -> None:
+    client: Client = temporal_env.client
+    start = _make_call(db_settings)
+    engine = create_async_db_engine(db_settings)
+    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
+    try:
+        async with build_worker(client, task_queue, CallActivities(engine)):
+            handle = await client.start_workflow(
+                "CallWorkflow", start, id=start.call_id, task_queue=task_queue
+            )
+            await handle.signal("answered")
+            await handle.signal("turns_committed", [_turn(0), _turn(1)])
+            # A long call: enough turns to force a flush by size, plus a remainder.
+            many = [_turn(i) for i in range(2, 2 + TURN_FLUSH_SIZE)]
+            await handle.signal("turns_committed", many)
+            await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
+            await handle.signal("ended", str(EndedReason.MAX_DURATION))  # the first reason wins
+            result = await handle.result()
+            history = await handle.fetch_history()
+    finally:
+        await engine.dispose()
+
+    assert result["status"] == CallStatus.ENDED
+    assert result["turns_committed"] == 2 + TURN_FLUSH_SIZE
+    sync = create_sync_engine(db_settings)
+    with Session(sync) as session:
+        call = session.exec(select(Call).where(Call.id == start.call_id)).one()
+        turns = session.exec(
+            select(CallTurn).where(CallTurn.call_id == start.call_id).order_by(CallTurn.index)
+        ).all()
+    sync.dispose()
+    assert call.status == CallStatus.ENDED
+    assert call.ended_reason == EndedReason.CALLER_HANGUP
+    assert call.answered_at is not None and call.ended_at is not None
+    assert [t.index for t in turns] == list(range(2 + TURN_FLUSH_SIZE))
+    assert turns[3].interrupted and turns[1].latency == {"voice_to_voice_ms": 412.0}
+    activities = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    # Status twice (answered, ended); turns in batches, not one activity per turn
+    # (signals that arrive together make one batch).
+    assert activities.count("record_call_status") == 2
+    assert 1 <= activities.count("save_call_turns") <= 2
+
+
+async def test_saving_a_batch_twice_stores_each_turn_once(db_settings: Settings) -> None:
+    start = _make_call(db_settings)
+    engine = create_async_db_engine(db_settings)
+    activities = CallActivities(engine)
+    from workflows.types import TurnBatch
+
+    batch = TurnBatch(start.call_id, start.organization_id, [_turn(0), _turn(1)])
+    try:
+        assert await activities.save_call_turns(batch) == 2
+        assert await activities.save_call_turns(batch) == 0
+    finally:
+        await engine.dispose()

@@ -1,0 +1,62 @@
+"""Payloads exchanged between the realtime worker, the workflows and the activities.
+
+Plain dataclasses so Temporal's default converter serializes them and the Temporal UI
+shows them as readable JSON. No payload carries a secret.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CallStart:
+    call_id: str
+    organization_id: str
+    agent_id: str
+    agent_version: int
+    direction: str
+    from_number: str | None = None
+    to_number: str | None = None
+    campaign_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CommittedTurn:
+    """One turn as the caller heard it (an interrupted agent turn keeps only what played)."""
+
+    index: int
+    speaker: str
+    text: str
+    interrupted: bool = False
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    latency: dict[str, float] = field(default_factory=dict)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CallStatusChange:
+    call_id: str
+    organization_id: str
+    status: str
+    at: datetime
+    ended_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TurnBatch:
+    call_id: str
+    organization_id: str
+    turns: list[CommittedTurn]
+
+
+@dataclass
+class CallState:
+    """What a query on a CallWorkflow returns."""
+
+    status: str
+    turns_committed: int
+    ended_reason: str | None
