@@ -72,7 +72,7 @@ def db_settings(
         temporal_address="127.0.0.1:1",  # nothing listens: readyz must say so
         rate_limit_per_minute=100_000,
         rate_limit_burst=10_000,
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
     )
     upgrade(settings)
     return settings

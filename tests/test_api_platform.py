@@ -85,7 +85,7 @@ async def test_rate_limited_requests_get_429_with_retry_after(
         redis_url=redis_url,
         rate_limit_per_minute=60,
         rate_limit_burst=2,
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
     )
     key = create_org_api_key(settings, f"busy-{secrets.token_hex(3)}")
     app = create_app(settings)

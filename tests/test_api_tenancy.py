@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 
 import httpx
 from conftest import ApiHarness
@@ -126,7 +127,7 @@ async def test_oversized_bodies_are_413(api: ApiHarness) -> None:
     assert response.status_code == 413
     assert response.json()["status"] == 413
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(20):
             yield b"x" * 100_000
 

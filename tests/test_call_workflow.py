@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 from conftest import installed_binary
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
@@ -116,7 +116,7 @@ async def test_call_workflow_records_the_call_and_batches_turns(
     with Session(sync) as session:
         call = session.exec(select(Call).where(Call.id == start.call_id)).one()
         turns = session.exec(
-            select(CallTurn).where(CallTurn.call_id == start.call_id).order_by(CallTurn.index)
+            select(CallTurn).where(CallTurn.call_id == start.call_id).order_by(col(CallTurn.index))
         ).all()
     sync.dispose()
     assert call.status == CallStatus.ENDED

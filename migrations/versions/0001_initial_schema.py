@@ -8,7 +8,6 @@ Create Date: 2026-11-26
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
@@ -22,17 +21,17 @@ def upgrade() -> None:
 
     op.create_table(
         "organization",
-        sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("name"),
     )
     op.create_table(
         "agent",
-        sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("organization_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("organization_id", sa.String(length=40), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("latest_version", sa.Integer(), nullable=False),
         sa.Column("published_version", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -52,11 +51,11 @@ def upgrade() -> None:
 
     op.create_table(
         "api_key",
-        sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("organization_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-        sa.Column("key_hash", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-        sa.Column("prefix", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("organization_id", sa.String(length=40), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("key_hash", sa.String(length=64), nullable=False),
+        sa.Column("prefix", sa.String(length=16), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
@@ -74,11 +73,11 @@ def upgrade() -> None:
 
     op.create_table(
         "tool_definition",
-        sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("organization_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-        sa.Column("description", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("kind", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("organization_id", sa.String(length=40), nullable=False),
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("description", sa.String(), nullable=False),
+        sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column(
             "parameters",
             sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
@@ -91,7 +90,7 @@ def upgrade() -> None:
         ),
         sa.Column("timeout_s", sa.Float(), nullable=False),
         sa.Column("safe_to_retry", sa.Boolean(), nullable=False),
-        sa.Column("filler_message", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("filler_message", sa.String(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
@@ -109,15 +108,15 @@ def upgrade() -> None:
 
     op.create_table(
         "webhook_endpoint",
-        sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("organization_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("url", sqlmodel.sql.sqltypes.AutoString(length=2048), nullable=False),
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("organization_id", sa.String(length=40), nullable=False),
+        sa.Column("url", sa.String(length=2048), nullable=False),
         sa.Column(
             "events",
             sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
             nullable=False,
         ),
-        sa.Column("secret", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+        sa.Column("secret", sa.String(length=128), nullable=False),
         sa.Column("active", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
@@ -134,9 +133,9 @@ def upgrade() -> None:
 
     op.create_table(
         "agent_version",
-        sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("organization_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("agent_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("organization_id", sa.String(length=40), nullable=False),
+        sa.Column("agent_id", sa.String(length=40), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column(
             "config",
@@ -163,12 +162,12 @@ def upgrade() -> None:
 
     op.create_table(
         "phone_number",
-        sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("organization_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("number", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
-        sa.Column("carrier", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
-        sa.Column("agent_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=True),
-        sa.Column("label", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("organization_id", sa.String(length=40), nullable=False),
+        sa.Column("number", sa.String(length=16), nullable=False),
+        sa.Column("carrier", sa.String(length=20), nullable=False),
+        sa.Column("agent_id", sa.String(length=40), nullable=True),
+        sa.Column("label", sa.String(length=200), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
@@ -190,19 +189,19 @@ def upgrade() -> None:
 
     op.create_table(
         "call",
-        sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("organization_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("agent_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("organization_id", sa.String(length=40), nullable=False),
+        sa.Column("agent_id", sa.String(length=40), nullable=False),
         sa.Column("agent_version", sa.Integer(), nullable=False),
-        sa.Column("phone_number_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=True),
-        sa.Column("direction", sqlmodel.sql.sqltypes.AutoString(length=10), nullable=False),
-        sa.Column("status", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
-        sa.Column("transport", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
-        sa.Column("from_number", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=True),
-        sa.Column("to_number", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=True),
-        sa.Column("carrier_call_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
-        sa.Column("campaign_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=True),
-        sa.Column("ended_reason", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=True),
+        sa.Column("phone_number_id", sa.String(length=40), nullable=True),
+        sa.Column("direction", sa.String(length=10), nullable=False),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.Column("transport", sa.String(length=20), nullable=False),
+        sa.Column("from_number", sa.String(length=32), nullable=True),
+        sa.Column("to_number", sa.String(length=32), nullable=True),
+        sa.Column("carrier_call_id", sa.String(length=64), nullable=True),
+        sa.Column("campaign_id", sa.String(length=40), nullable=True),
+        sa.Column("ended_reason", sa.String(length=40), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("answered_at", sa.DateTime(timezone=True), nullable=True),
@@ -240,12 +239,12 @@ def upgrade() -> None:
 
     op.create_table(
         "call_turn",
-        sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("organization_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
-        sa.Column("call_id", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("organization_id", sa.String(length=40), nullable=False),
+        sa.Column("call_id", sa.String(length=40), nullable=False),
         sa.Column("index", sa.Integer(), nullable=False),
-        sa.Column("speaker", sqlmodel.sql.sqltypes.AutoString(length=10), nullable=False),
-        sa.Column("text", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("speaker", sa.String(length=10), nullable=False),
+        sa.Column("text", sa.String(), nullable=False),
         sa.Column("interrupted", sa.Boolean(), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),

@@ -1,0 +1,1 @@
+"""Realtime media side: transports, media pipeline and the per-call session."""

@@ -1,0 +1,1 @@
+"""Speech and language providers behind small interfaces (see base.py), chosen per agent."""

@@ -1,0 +1,1 @@
+"""Process entry points: the ``builder-engine`` CLI, the ``up`` supervisor, the worker."""
