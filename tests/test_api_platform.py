@@ -10,7 +10,6 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from conftest import ApiHarness
 from sqlmodel import SQLModel
 
 import builder_engine.db.models  # noqa: F401
@@ -19,6 +18,7 @@ from api.ratelimit import InProcessRateLimiter, Rate, RedisRateLimiter
 from builder_engine.apikeys import create_org_api_key
 from builder_engine.config import Settings
 from builder_engine.db.engine import create_sync_engine
+from conftest import ApiHarness
 
 
 async def test_healthz_and_readyz_say_what_is_missing(api: ApiHarness) -> None:

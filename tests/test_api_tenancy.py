@@ -6,6 +6,7 @@ import secrets
 from collections.abc import AsyncIterator
 
 import httpx
+
 from conftest import ApiHarness
 
 

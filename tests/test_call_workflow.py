@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
-from conftest import installed_binary
 from sqlmodel import Session, col, select
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
@@ -19,6 +18,7 @@ from builder_engine.config import SEARCH_ATTRIBUTES, Settings
 from builder_engine.db.engine import create_async_db_engine, create_sync_engine
 from builder_engine.db.models import Agent, Call, CallTurn, Organization
 from builder_engine.temporal_setup import INDEXED_VALUE_TYPES
+from conftest import installed_binary
 from workers.temporal_worker import build_worker
 from workflows.call import TURN_FLUSH_SIZE
 from workflows.types import CallStart, CommittedTurn
