@@ -1,0 +1,239 @@
+"""Outbound audio for one call: paced at real time with a small lead, tracked to what was heard.
+
+The pacer keeps ``lead_ms`` of audio buffered at the far end and otherwise sends each
+frame when its playback time comes, measured from one absolute clock per talk spurt,
+so there is no drift and no gap from per-chunk sleeps. A mark follows every spoken
+segment (sentence); the far end echoes it when that audio has played, which is how
+the session learns what the caller actually heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class OutboundMedia(Protocol):
+    async def send_audio(self, frame: bytes) -> None: ...
+
+    async def send_mark(self, name: str) -> None: ...
+
+    async def send_clear(self) -> None: ...
+
+
+@dataclass
+class SpokenSegment:
+    """A piece of the agent's answer (a sentence) and what became of its audio."""
+
+    id: int
+    text: str
+    queued_bytes: int = 0
+    sent_bytes: int = 0
+    complete: bool = False
+    played: bool = False
+    first_sent_at: float | None = None
+    played_at: float | None = None
+
+    @property
+    def mark_name(self) -> str:
+        return f"seg-{self.id}"
+
+
+@dataclass(frozen=True)
+class _Frame:
+    generation: int
+    segment: SpokenSegment
+    audio: bytes
+
+
+@dataclass(frozen=True)
+class _MarkItem:
+    generation: int
+    segment: SpokenSegment
+
+
+@dataclass
+class PlayoutStats:
+    frames_sent: int = 0
+    max_gap_ms: float = 0.0
+    gaps_over_40ms: int = 0
+    _last_send: float | None = field(default=None, repr=False)
+
+
+def cut_at_fraction(text: str, fraction: float) -> str:
+    """The words of ``text`` spoken in the first ``fraction`` of its audio (whole words)."""
+    words = text.split()
+    keep = int(len(words) * max(0.0, min(1.0, fraction)))
+    return " ".join(words[:keep])
+
+
+class Playout:
+    def __init__(
+        self,
+        transport: OutboundMedia,
+        *,
+        frame_bytes: int,
+        frame_ms: float = 20.0,
+        lead_ms: float = 60.0,
+        silence_byte: int = 0xFF,
+        clock: Callable[[], float] = time.monotonic,
+        on_first_frame: Callable[[SpokenSegment, float], None] | None = None,
+    ) -> None:
+        self._transport = transport
+        self._frame_bytes = frame_bytes
+        self._frame_s = frame_ms / 1000.0
+        self._lead_s = lead_ms / 1000.0
+        self._silence = bytes([silence_byte]) * frame_bytes
+        self._bytes_per_s = frame_bytes / self._frame_s
+        self._clock = clock
+        self._on_first_frame = on_first_frame
+        self._queue: asyncio.Queue[_Frame | _MarkItem] = asyncio.Queue()
+        self._generation = 0
+        self._segments: list[SpokenSegment] = []
+        self._next_id = 0
+        self._remainder: dict[int, bytes] = {}
+        self._spurt_start: float | None = None
+        self._spurt_sent_s = 0.0
+        self._pending_marks = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.stats = PlayoutStats()
+
+    # ------------------------------------------------------------ producing
+
+    def start_segment(self, text: str) -> SpokenSegment:
+        segment = SpokenSegment(id=self._next_id, text=text)
+        self._next_id += 1
+        self._segments.append(segment)
+        return segment
+
+    def add_audio(self, segment: SpokenSegment, audio: bytes) -> None:
+        data = self._remainder.pop(segment.id, b"") + audio
+        usable = len(data) - len(data) % self._frame_bytes
+        for offset in range(0, usable, self._frame_bytes):
+            self._put(_Frame(self._generation, segment, data[offset : offset + self._frame_bytes]))
+        if usable < len(data):
+            self._remainder[segment.id] = data[usable:]
+        segment.queued_bytes += len(audio)
+
+    def end_segment(self, segment: SpokenSegment) -> None:
+        tail = self._remainder.pop(segment.id, b"")
+        if tail:
+            padded = tail + self._silence[len(tail) :]
+            self._put(_Frame(self._generation, segment, padded))
+        segment.complete = True
+        self._pending_marks += 1
+        self._put(_MarkItem(self._generation, segment))
+
+    def _put(self, item: _Frame | _MarkItem) -> None:
+        self._idle.clear()
+        self._queue.put_nowait(item)
+
+    # ------------------------------------------------------------ far end
+
+    def on_mark(self, name: str) -> SpokenSegment | None:
+        """A mark came back: the segment's audio has been played. Returns that segment."""
+        for segment in self._segments:
+            if segment.mark_name == name and not segment.played:
+                segment.played = True
+                segment.played_at = self._clock()
+                self._pending_marks = max(0, self._pending_marks - 1)
+                if self._pending_marks == 0 and self._queue.empty():
+                    self._idle.set()
+                return segment
+        return None
+
+    @property
+    def playing(self) -> bool:
+        """Audio queued, in flight, or not yet confirmed played."""
+        return not self._idle.is_set()
+
+    async def wait_played(self) -> None:
+        """Until everything queued has been sent and confirmed played by its mark."""
+        await self._idle.wait()
+
+    async def interrupt(self) -> str:
+        """Barge-in: drop what is queued, tell the far end to drop its buffer, and
+        return the text the caller heard of the unfinished answer."""
+        now = self._clock()
+        self._generation += 1
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._remainder.clear()
+        await self._transport.send_clear()
+        heard = self.heard_text(now)
+        # Marks of cleared audio come back now; they must not count as played.
+        self._segments = []
+        self._pending_marks = 0
+        self._spurt_start = None
+        self._idle.set()
+        return heard
+
+    def heard_text(self, at: float) -> str:
+        """What of the current segments had been played at time ``at``."""
+        parts: list[str] = []
+        previous_played_at: float | None = None
+        for segment in self._segments:
+            if segment.played:
+                parts.append(segment.text)
+                previous_played_at = segment.played_at
+                continue
+            if segment.first_sent_at is None or segment.sent_bytes == 0:
+                break
+            started = max(segment.first_sent_at, previous_played_at or segment.first_sent_at)
+            duration = segment.sent_bytes / self._bytes_per_s
+            fraction = (at - started) / duration if duration > 0 else 0.0
+            partial = cut_at_fraction(segment.text, fraction)
+            if partial:
+                parts.append(partial)
+            break
+        return " ".join(parts)
+
+    def forget_played(self) -> None:
+        """Drop bookkeeping of segments already played (a new answer begins)."""
+        self._segments = [s for s in self._segments if not s.played]
+
+    # ------------------------------------------------------------ pacing
+
+    async def run(self) -> None:
+        """The pacer; runs for the whole call."""
+        while True:
+            item = await self._queue.get()
+            if item.generation != self._generation:
+                continue
+            if isinstance(item, _MarkItem):
+                await self._transport.send_mark(item.segment.mark_name)
+                continue
+            now = self._clock()
+            if self._spurt_start is None or now > self._spurt_start + self._spurt_sent_s:
+                # Nothing buffered at the far end any more: a new talk spurt starts now.
+                self._spurt_start = now
+                self._spurt_sent_s = 0.0
+            due = self._spurt_start + self._spurt_sent_s - self._lead_s
+            if due > now:
+                await asyncio.sleep(due - now)
+                if item.generation != self._generation:
+                    continue  # interrupted while waiting
+            await self._transport.send_audio(item.audio)
+            sent_at = self._clock()
+            self._spurt_sent_s += self._frame_s
+            self._account(item.segment, sent_at)
+
+    def _account(self, segment: SpokenSegment, sent_at: float) -> None:
+        first = segment.first_sent_at is None
+        if first:
+            segment.first_sent_at = sent_at
+        segment.sent_bytes += self._frame_bytes
+        stats = self.stats
+        if stats._last_send is not None and self._spurt_sent_s > self._frame_s:
+            gap_ms = (sent_at - stats._last_send) * 1000.0
+            stats.max_gap_ms = max(stats.max_gap_ms, gap_ms)
+            if gap_ms > 40.0:
+                stats.gaps_over_40ms += 1
+        stats._last_send = sent_at
+        stats.frames_sent += 1
+        if first and self._on_first_frame is not None:
+            self._on_first_frame(segment, sent_at)

@@ -1,0 +1,1 @@
+"""Carrier and browser media transports: wire protocol in, session events out."""

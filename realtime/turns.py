@@ -1,0 +1,108 @@
+"""End-of-turn and barge-in decisions from VAD probabilities and transcripts. Pure logic.
+
+Times are stream milliseconds (audio received so far), so the decisions are exact and
+reproducible; the session maps them to wall-clock deadlines.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from builder_engine.agent_config import TurnConfig
+
+_ENDS_MID_NUMBER = re.compile(
+    r"(\d|\b(zero|oh|one|two|three|four|five|six|seven|eight|nine))[\s,.-]*$", re.IGNORECASE
+)
+_WORD = re.compile(r"[\w'-]+")
+
+
+def ends_mid_number(text: str) -> bool:
+    """A caller dictating a number pauses between groups; wait longer for them."""
+    return bool(_ENDS_MID_NUMBER.search(text.strip()))
+
+
+def meaningful_words(text: str, backchannels: frozenset[str]) -> int:
+    """Words that are not a backchannel ("mm-hm", "okay") - those never interrupt."""
+    cleaned = text.lower().strip(" .,!?")
+    if cleaned in backchannels:
+        return 0
+    return sum(1 for word in _WORD.findall(cleaned) if word not in backchannels)
+
+
+@dataclass
+class VoiceTracker:
+    """Follows the caller's voice: confirmed speech onsets and the end of the last voiced audio."""
+
+    start_threshold: float = 0.5
+    end_threshold: float = 0.35
+    min_speech_ms: float = 100.0
+
+    def __post_init__(self) -> None:
+        self.in_speech = False
+        self.onset_ms: float | None = None  # start of the current (confirmed or candidate) speech
+        self.last_voice_end_ms: float | None = None
+
+    def push(self, probability: float, start_ms: float, duration_ms: float) -> bool:
+        """Account for one VAD window; True when it confirms a new speech onset."""
+        end_ms = start_ms + duration_ms
+        voiced = probability >= (self.end_threshold if self.in_speech else self.start_threshold)
+        if voiced:
+            if self.onset_ms is None:
+                self.onset_ms = start_ms
+            self.last_voice_end_ms = end_ms
+            if not self.in_speech and end_ms - self.onset_ms >= self.min_speech_ms:
+                self.in_speech = True
+                return True
+        elif not self.in_speech:
+            self.onset_ms = None  # a click, not speech
+        return False
+
+    def pause_ms(self, now_ms: float) -> float:
+        """Silence since the last voiced audio (0 while voiced)."""
+        if self.last_voice_end_ms is None:
+            return 0.0
+        return max(0.0, now_ms - self.last_voice_end_ms)
+
+    def speech_ms(self, now_ms: float) -> float:
+        """How long the current speech has lasted (0 when there is none)."""
+        if self.onset_ms is None:
+            return 0.0
+        return now_ms - self.onset_ms
+
+    def end_speech(self) -> None:
+        """The turn was taken (endpoint): the next voiced window starts a new onset."""
+        self.in_speech = False
+        self.onset_ms = None
+
+
+@dataclass(frozen=True)
+class TurnPolicy:
+    endpointing_ms: float
+    digit_patience_ms: float
+    interrupt_min_ms: float
+    interrupt_min_words: int
+    backchannels: frozenset[str]
+
+    @classmethod
+    def from_config(cls, turn: TurnConfig) -> TurnPolicy:
+        return cls(
+            endpointing_ms=turn.endpointing_ms,
+            digit_patience_ms=max(turn.digit_patience_ms, turn.endpointing_ms),
+            interrupt_min_ms=turn.interrupt_min_ms,
+            interrupt_min_words=turn.interrupt_min_words,
+            backchannels=frozenset(p.lower() for p in turn.backchannel_phrases),
+        )
+
+    def silence_needed_ms(self, transcript_so_far: str) -> float:
+        if ends_mid_number(transcript_so_far):
+            return self.digit_patience_ms
+        return self.endpointing_ms
+
+    def is_interruption(self, speech_ms: float, heard_text: str) -> bool:
+        """Caller speech over the agent interrupts it only when it is real speech."""
+        if speech_ms < self.interrupt_min_ms:
+            return False
+        if self.interrupt_min_words == 0:
+            return True
+        return meaningful_words(heard_text, self.backchannels) >= self.interrupt_min_words

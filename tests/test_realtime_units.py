@@ -1,0 +1,259 @@
+"""Units of the realtime path: state machine, turn decisions, playout pacing, recording,
+and the Twilio Media Streams parser."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builder_engine.agent_config import TurnConfig
+from realtime.playout import Playout, cut_at_fraction
+from realtime.recorder import StereoRecorder
+from realtime.state import CallPhase, CallStateMachine, InvalidTransition
+from realtime.transports import twilio_protocol as tp
+from realtime.turns import TurnPolicy, VoiceTracker, ends_mid_number, meaningful_words
+
+# ---------------------------------------------------------------- state machine
+
+
+def test_state_machine_follows_the_turn_cycle() -> None:
+    seen: list[tuple[CallPhase, CallPhase]] = []
+    machine = CallStateMachine(on_change=lambda a, b: seen.append((a, b)))
+    for phase in (
+        CallPhase.SPEAKING,  # greeting
+        CallPhase.LISTENING,
+        CallPhase.PROCESSING,
+        CallPhase.SPEAKING,
+        CallPhase.LISTENING,  # barge-in
+        CallPhase.PROCESSING,
+        CallPhase.LISTENING,  # caller went on talking
+        CallPhase.ENDED,
+    ):
+        machine.to(phase)
+    assert seen[0] == (CallPhase.IDLE, CallPhase.SPEAKING)
+    assert machine.ended and len(seen) == 8
+    machine.to(CallPhase.ENDED)  # idempotent
+    with pytest.raises(InvalidTransition):
+        machine.to(CallPhase.LISTENING)
+
+
+def test_state_machine_rejects_skipping_processing() -> None:
+    machine = CallStateMachine()
+    machine.to(CallPhase.LISTENING)
+    machine.to(CallPhase.PROCESSING)
+    machine.to(CallPhase.SPEAKING)
+    with pytest.raises(InvalidTransition):
+        CallStateMachine().to(CallPhase.PROCESSING)  # IDLE -> PROCESSING
+
+
+# ---------------------------------------------------------------- turn decisions
+
+
+def test_voice_tracker_confirms_speech_and_measures_pauses() -> None:
+    tracker = VoiceTracker(min_speech_ms=96)
+    t = 0.0
+    # A 32 ms click is not speech.
+    assert not tracker.push(0.9, t, 32)
+    t += 32
+    assert not tracker.push(0.1, t, 32)
+    t += 32
+    confirmations = []
+    for _ in range(5):
+        confirmations.append(tracker.push(0.9, t, 32))
+        t += 32
+    assert confirmations == [False, False, True, False, False]
+    assert tracker.onset_ms == 64
+    for _ in range(3):
+        tracker.push(0.05, t, 32)
+        t += 32
+    assert tracker.pause_ms(t) == 96
+    assert tracker.last_voice_end_ms == 64 + 5 * 32
+
+
+def test_numbers_get_more_patience_and_backchannels_do_not_interrupt() -> None:
+    policy = TurnPolicy.from_config(
+        TurnConfig(
+            endpointing_ms=200, digit_patience_ms=900, interrupt_min_ms=250, interrupt_min_words=1
+        )
+    )
+    assert policy.silence_needed_ms("my number is 415 555") == 900
+    assert policy.silence_needed_ms("it's four one five, two") == 900
+    assert policy.silence_needed_ms("what are your hours") == 200
+    assert ends_mid_number("card ending 4242.")
+    assert not policy.is_interruption(400, "mm-hm")
+    assert not policy.is_interruption(400, "okay")
+    assert not policy.is_interruption(100, "wait stop")
+    assert policy.is_interruption(300, "wait stop")
+    assert meaningful_words("Yeah, but what time?", frozenset({"yeah"})) == 3
+    duration_only = TurnPolicy.from_config(TurnConfig(interrupt_min_ms=200, interrupt_min_words=0))
+    assert duration_only.is_interruption(200, "")
+
+
+# ---------------------------------------------------------------- playout
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str, bytes | str]] = []
+
+    async def send_audio(self, frame: bytes) -> None:
+        self.events.append((asyncio.get_running_loop().time(), "media", frame))
+
+    async def send_mark(self, name: str) -> None:
+        self.events.append((asyncio.get_running_loop().time(), "mark", name))
+
+    async def send_clear(self) -> None:
+        self.events.append((asyncio.get_running_loop().time(), "clear", ""))
+
+
+async def test_playout_paces_at_real_time_with_a_lead() -> None:
+    transport = RecordingTransport()
+    loop = asyncio.get_running_loop()
+    playout = Playout(transport, frame_bytes=160, lead_ms=60, clock=loop.time)
+    pacer = asyncio.create_task(playout.run())
+    try:
+        segment = playout.start_segment("Hello there, how can I help?")
+        playout.add_audio(segment, b"\x01" * 160 * 15 + b"\x02" * 50)  # 15 frames + a tail
+        playout.end_segment(segment)
+        start = loop.time()
+        await asyncio.sleep(0.38)
+        media = [e for e in transport.events if e[1] == "media"]
+        assert len(media) == 16
+        assert media[-1][2] == b"\x02" * 50 + b"\xff" * 110  # tail padded with silence
+        # The first 60 ms go at once; then one frame per 20 ms, on a clock (no drift).
+        offsets = [round((t - start) * 1000) for t, _, _ in media]
+        assert offsets[2] < 10
+        assert abs(offsets[15] - (15 * 20 - 60)) <= 12
+        assert transport.events[-1][1:] == ("mark", "seg-0")
+        assert playout.playing
+        assert playout.on_mark("seg-0") is segment
+        await asyncio.wait_for(playout.wait_played(), 0.1)
+        assert playout.stats.max_gap_ms < 40
+    finally:
+        pacer.cancel()
+
+
+async def test_interrupt_clears_and_keeps_only_what_was_heard() -> None:
+    transport = RecordingTransport()
+    loop = asyncio.get_running_loop()
+    playout = Playout(transport, frame_bytes=160, lead_ms=0, clock=loop.time)
+    pacer = asyncio.create_task(playout.run())
+    try:
+        first = playout.start_segment("We open at nine.")
+        playout.add_audio(first, b"\x01" * 160 * 5)  # 100 ms
+        playout.end_segment(first)
+        second = playout.start_segment("one two three four five six seven eight nine ten")
+        playout.add_audio(second, b"\x01" * 160 * 50)  # 1 s
+        playout.end_segment(second)
+        await asyncio.sleep(0.11)
+        playout.on_mark("seg-0")  # the far end played the first sentence
+        await asyncio.sleep(0.5)  # about half of the second sentence played
+        heard = await playout.interrupt()
+        cleared_at = len(transport.events)
+        assert transport.events[-1][1] == "clear"
+        assert heard.startswith("We open at nine. one two three four")
+        assert "eight nine ten" not in heard
+        await asyncio.sleep(0.1)
+        assert len(transport.events) == cleared_at  # nothing of the answer after clear
+        assert playout.on_mark("seg-1") is None  # its echo after clear is not "played"
+        assert not playout.playing
+    finally:
+        pacer.cancel()
+
+
+def test_cut_at_fraction_keeps_whole_words() -> None:
+    assert cut_at_fraction("a b c d", 0.5) == "a b"
+    assert cut_at_fraction("a b c d", 0.0) == ""
+    assert cut_at_fraction("a b c d", 1.7) == "a b c d"
+
+
+# ---------------------------------------------------------------- recording
+
+
+def test_recorder_writes_stereo_caller_left_agent_right(tmp_path: Path) -> None:
+    recorder = StereoRecorder(tmp_path / "call.wav", sample_rate=8000)
+    caller = np.full(160, 1000, dtype=np.int16)
+    for _ in range(100):  # 2 s of caller audio, flushed to disk every second
+        recorder.add_caller(caller)
+    recorder.add_agent(np.full(800, -2000, dtype=np.int16))  # starts now, at 2 s
+    for _ in range(100):
+        recorder.add_caller(caller)
+    recorder.add_agent(np.full(400, 3000, dtype=np.int16))  # the caller hangs up meanwhile
+    path = recorder.close()
+    with wave.open(str(path)) as wav:
+        assert wav.getnchannels() == 2 and wav.getframerate() == 8000
+        frames = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").reshape(-1, 2)
+    assert len(frames) == 32400
+    assert (frames[:32000, 0] == 1000).all() and (frames[32000:, 0] == 0).all()
+    assert (frames[16000:16800, 1] == -2000).all()
+    assert (frames[:16000, 1] == 0).all() and (frames[16800:32000, 1] == 0).all()
+    assert (frames[32000:, 1] == 3000).all()
+
+
+# ---------------------------------------------------------------- Twilio protocol
+
+
+def _media(payload: str, sid: str = "MZ1") -> str:
+    return json.dumps({"event": "media", "streamSid": sid, "media": {"payload": payload}})
+
+
+def test_twilio_parser_reads_every_event() -> None:
+    start = tp.parse_message(
+        json.dumps(
+            {
+                "event": "start",
+                "sequenceNumber": "1",
+                "streamSid": "MZ1",
+                "start": {
+                    "streamSid": "MZ1",
+                    "accountSid": "AC1",
+                    "callSid": "CA1",
+                    "tracks": ["inbound"],
+                    "customParameters": {"call_id": "call_1"},
+                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                },
+            }
+        )
+    )
+    assert isinstance(start, tp.Start)
+    assert start.custom_parameters == {"call_id": "call_1"} and start.call_sid == "CA1"
+    media = tp.parse_message(_media(base64.b64encode(b"\xff" * 160).decode()))
+    assert isinstance(media, tp.Media) and media.payload == b"\xff" * 160
+    dtmf = tp.parse_message('{"event":"dtmf","streamSid":"MZ1","dtmf":{"digit":"7"}}')
+    assert dtmf == tp.Dtmf("MZ1", "7")
+    mark = tp.parse_message('{"event":"mark","streamSid":"MZ1","mark":{"name":"seg-3"}}')
+    assert mark == tp.Mark("MZ1", "seg-3")
+    assert isinstance(tp.parse_message('{"event":"stop","streamSid":"MZ1"}'), tp.Stop)
+    assert isinstance(tp.parse_message('{"event":"connected","protocol":"Call"}'), tp.Connected)
+    assert isinstance(tp.parse_message('{"event":"surprise"}'), tp.Unknown)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("{not json", "malformed JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"streamSid": "MZ1"}', "no 'event'"),
+        (_media("%%%notbase64"), "not valid base64"),
+        ('{"event":"media","streamSid":"MZ1"}', "'media' is missing"),
+        ('{"event":"dtmf","streamSid":"MZ1","dtmf":{"digit":"x"}}', "not a DTMF digit"),
+        ('{"event":"start","start":{}}', "start.streamSid"),
+        ("x" * (tp.MAX_MESSAGE_BYTES + 1), "exceeds"),
+    ],
+)
+def test_twilio_parser_explains_bad_input(message: str, reason: str) -> None:
+    with pytest.raises(tp.ProtocolError, match=reason):
+        tp.parse_message(message)
+
+
+def test_outbound_messages_are_valid_json() -> None:
+    media = json.loads(tp.media_message('MZ"x', b"\x00\x01"))
+    assert media == {"event": "media", "streamSid": 'MZ"x', "media": {"payload": "AAE="}}
+    assert json.loads(tp.clear_message("MZ1")) == {"event": "clear", "streamSid": "MZ1"}
+    assert json.loads(tp.mark_message("MZ1", "seg-1"))["mark"] == {"name": "seg-1"}
