@@ -11,7 +11,15 @@ from api.context import AppContext, TemporalProbe
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
 from api.ratelimit import InProcessRateLimiter, Rate, RateLimiter, RedisRateLimiter
-from api.routers import agents, api_keys, health, phone_numbers, tools
+from api.routers import (
+    agents,
+    api_keys,
+    calls,
+    health,
+    phone_numbers,
+    tools,
+    twilio_webhooks,
+)
 from builder_engine import __version__
 from builder_engine.config import Settings
 from builder_engine.db.engine import create_async_db_engine, session_factory
@@ -61,6 +69,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for module in (health, agents, phone_numbers, tools, api_keys):
+    for module in (health, agents, phone_numbers, tools, api_keys, calls, twilio_webhooks):
         app.include_router(module.router)
     return app

@@ -69,6 +69,15 @@ class Settings(BaseSettings):
         description="Public base URL (https://...) carriers use to reach this deployment; "
         "used in TwiML and webhook URLs. Unset: http://{host}:{api_port}.",
     )
+    realtime_public_url: str | None = Field(
+        default=None,
+        description="Public base URL (wss://...) carriers stream call audio to. Unset: the "
+        "public URL with a ws(s) scheme (a reverse proxy sends /media/* to the realtime "
+        "server), or ws://{host}:{realtime_port} when no public URL is set.",
+    )
+    recordings_dir: Path | None = Field(
+        default=None, description="Folder for call recordings. Unset: {data_dir}/recordings."
+    )
     redis_url: str | None = Field(
         default=None,
         description="Redis URL. When set, API rate limits are shared through Redis across "
@@ -167,6 +176,19 @@ class Settings(BaseSettings):
     @property
     def effective_public_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.api_port}").rstrip("/")
+
+    @property
+    def effective_realtime_url(self) -> str:
+        if self.realtime_public_url:
+            return self.realtime_public_url.rstrip("/")
+        if self.public_url:
+            scheme, _, rest = self.public_url.rstrip("/").partition("://")
+            return f"{'wss' if scheme == 'https' else 'ws'}://{rest}"
+        return f"ws://{self.host}:{self.realtime_port}"
+
+    @property
+    def effective_recordings_dir(self) -> Path:
+        return self.recordings_dir or self.data_dir / "recordings"
 
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict safe to print: secrets show only whether they are set."""

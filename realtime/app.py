@@ -1,30 +1,94 @@
 """The realtime media server's ASGI app (``builder-engine serve realtime``).
 
-It will carry the websocket media endpoints - ``/media/twilio``, ``/media/telnyx`` and
-``/media/web`` - where each call's audio runs through transport, codec, VAD/ASR, turn
-taking, the LLM brain and TTS in process. For now it serves only ``GET /healthz``, which
-``builder-engine up`` and load balancers use to know the process is serving.
+Websocket media endpoints: ``/media/twilio`` (Twilio Media Streams) and ``/media/web``
+(browsers and SDKs, docs/web-protocol.md). Each call's
+audio runs through transport, codec, VAD/ASR, turn taking, the LLM and TTS in this
+process; the call's lifecycle and turns go to its CallWorkflow in Temporal.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, WebSocket
+from temporalio.client import Client
 
 from builder_engine.config import Settings
+from builder_engine.db.engine import create_async_db_engine, session_factory
+from builder_engine.temporal_setup import connect
+from realtime.calls import CallLoader, ProviderFactory, SessionFactory
+from realtime.lifecycle import CallLifecycle, TemporalCallLifecycle
+from realtime.providers.registry import ProviderRegistry, ProviderResources
+from realtime.stats import RealtimeStats
+from realtime.transports.twilio import TwilioMediaHandler
+from realtime.transports.web import WebMediaHandler
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build the realtime server's app for ``settings``."""
+@dataclass
+class RealtimeContext:
+    twilio: TwilioMediaHandler
+    web: WebMediaHandler
+    stats: RealtimeStats
+
+
+def create_app(settings: Settings, *, providers: ProviderFactory | None = None) -> FastAPI:
+    """Build the realtime server's app. ``providers`` replaces the registry (benchmarks)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_async_db_engine(settings)
+        temporal: Client = await connect(settings)
+
+        def lifecycle(call_id: str) -> CallLifecycle:
+            return TemporalCallLifecycle(temporal, call_id)
+
+        resources = ProviderResources(settings)
+        factory = SessionFactory(
+            providers or ProviderRegistry(resources),
+            lifecycle,
+            settings.effective_recordings_dir,
+        )
+        loader = CallLoader(session_factory(engine))
+        app.state.context = RealtimeContext(
+            twilio=TwilioMediaHandler(loader, factory),
+            web=WebMediaHandler(loader, factory),
+            stats=factory.stats,
+        )
+        try:
+            yield
+        finally:
+            await resources.aclose()
+            await engine.dispose()
+
     app = FastAPI(
         title="Builder Engine realtime",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        lifespan=lifespan,
     )
     app.state.settings = settings
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/stats")
+    async def stats() -> dict[str, float | int]:
+        """Calls in progress and the cost of inbound frames (decode, resample, VAD)."""
+        context: RealtimeContext = app.state.context
+        return context.stats.snapshot()
+
+    @app.websocket("/media/twilio")
+    async def media_twilio(websocket: WebSocket) -> None:
+        context: RealtimeContext = websocket.app.state.context
+        await context.twilio.handle(websocket)
+
+    @app.websocket("/media/web")
+    async def media_web(websocket: WebSocket) -> None:
+        context: RealtimeContext = websocket.app.state.context
+        await context.web.handle(websocket)
 
     return app

@@ -15,7 +15,10 @@ class CallPhase(StrEnum):
 
 
 ALLOWED: dict[CallPhase, frozenset[CallPhase]] = {
-    CallPhase.IDLE: frozenset({CallPhase.LISTENING, CallPhase.SPEAKING, CallPhase.ENDED}),
+    # IDLE -> PROCESSING: the greeting is being prepared.
+    CallPhase.IDLE: frozenset(
+        {CallPhase.LISTENING, CallPhase.PROCESSING, CallPhase.SPEAKING, CallPhase.ENDED}
+    ),
     CallPhase.LISTENING: frozenset({CallPhase.PROCESSING, CallPhase.SPEAKING, CallPhase.ENDED}),
     # PROCESSING -> LISTENING: the caller went on talking before the answer began.
     CallPhase.PROCESSING: frozenset({CallPhase.SPEAKING, CallPhase.LISTENING, CallPhase.ENDED}),

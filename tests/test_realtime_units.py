@@ -49,7 +49,7 @@ def test_state_machine_rejects_skipping_processing() -> None:
     machine.to(CallPhase.PROCESSING)
     machine.to(CallPhase.SPEAKING)
     with pytest.raises(InvalidTransition):
-        CallStateMachine().to(CallPhase.PROCESSING)  # IDLE -> PROCESSING
+        machine.to(CallPhase.IDLE)  # nothing goes back to IDLE
 
 
 # ---------------------------------------------------------------- turn decisions

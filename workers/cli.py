@@ -124,8 +124,15 @@ def migrate() -> None:
 def _serve(application: FastAPI, port: int, settings: Settings) -> NoReturn:
     import uvicorn
 
+    from builder_engine.logs import configure_logging
+
+    configure_logging(settings.log_level, redact_pii=settings.log_redact_pii)
     config = uvicorn.Config(
-        app=application, host=settings.host, port=port, log_level=settings.log_level
+        app=application,
+        host=settings.host,
+        port=port,
+        log_level=settings.log_level,
+        ws="websockets-sansio",
     )
     server = uvicorn.Server(config)
     # Uvicorn re-raises the signal it shut down on; after a clean shutdown, exit 0 instead.
@@ -156,7 +163,11 @@ def serve_realtime() -> None:
 @app.command()
 def worker() -> None:
     """Run the platform's Temporal worker until SIGTERM/SIGINT."""
-    hard_exit(asyncio.run(_run_worker(load_settings())))
+    from builder_engine.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log_level, redact_pii=settings.log_redact_pii)
+    hard_exit(asyncio.run(_run_worker(settings)))
 
 
 async def _run_worker(settings: Settings) -> int:

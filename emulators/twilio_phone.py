@@ -1,0 +1,307 @@
+"""Twilio's side of a Media Streams websocket, for tests and benchmarks.
+
+``TwilioPhone`` connects to a `/media/twilio` endpoint the way Twilio does after
+``<Connect><Stream>``: ``connected``, ``start`` (with the TwiML parameters), then one
+20 ms mu-law frame every 20 ms for the whole call - silence when the caller says
+nothing. The agent's audio is "played" on a clock: marks come back when the audio
+sent before them has played, and ``clear`` drops the buffer and returns every pending
+mark at once, as Twilio does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import secrets
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from realtime.media.mulaw import pcm16_to_ulaw
+
+FRAME_MS = 20
+FRAME_BYTES = 160
+SILENCE = b"\xff" * FRAME_BYTES
+
+
+@dataclass(frozen=True)
+class Received:
+    at: float
+    event: str  # media | mark | clear
+    payload: bytes = b""
+    name: str = ""
+
+
+@dataclass
+class Utterance:
+    """When the caller's words went out: ``ended_at`` is the send time of the last frame."""
+
+    frames: int
+    started_at: float | None = None
+    ended_at: float | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class TwilioPhone:
+    def __init__(
+        self,
+        url: str,
+        *,
+        parameters: dict[str, str],
+        call_sid: str | None = None,
+        stream_sid: str | None = None,
+    ) -> None:
+        self.url = url
+        self.parameters = parameters
+        self.call_sid = call_sid or "CA" + secrets.token_hex(16)
+        self.stream_sid = stream_sid or "MZ" + secrets.token_hex(16)
+        self.received: list[Received] = []
+        self.marks_echoed: list[str] = []
+        self.closed = asyncio.Event()
+        self._ws: ClientConnection | None = None
+        self._outgoing: asyncio.Queue[tuple[bytes, Utterance | None]] = asyncio.Queue()
+        self._playback: list[tuple[str, Any]] = []  # ("audio", seconds) | ("mark", name)
+        self._play_until = 0.0  # when the buffered agent audio will have played
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sequence = 0
+        self._media_event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    # ------------------------------------------------------------ connection
+
+    async def __aenter__(self) -> Self:
+        self._ws = await connect(self.url, max_size=2**20, compression=None)
+        await self._send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        await self._send_json(
+            {
+                "event": "start",
+                "sequenceNumber": str(self._next_sequence()),
+                "streamSid": self.stream_sid,
+                "start": {
+                    "streamSid": self.stream_sid,
+                    "accountSid": "AC" + "0" * 32,
+                    "callSid": self.call_sid,
+                    "tracks": ["inbound"],
+                    "customParameters": self.parameters,
+                    "mediaFormat": {
+                        "encoding": "audio/x-mulaw",
+                        "sampleRate": 8000,
+                        "channels": 1,
+                    },
+                },
+            }
+        )
+        self._tasks = [
+            asyncio.create_task(self._send_frames()),
+            asyncio.create_task(self._receive()),
+            asyncio.create_task(self._play()),
+        ]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.hang_up()
+
+    async def hang_up(self) -> None:
+        """The caller hangs up: Twilio sends `stop` and closes the socket."""
+        if self._ws is None:
+            return
+        ws, self._ws = self._ws, None
+        for task in self._tasks[:1]:
+            task.cancel()
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(
+                json.dumps(
+                    {
+                        "event": "stop",
+                        "sequenceNumber": str(self._next_sequence()),
+                        "streamSid": self.stream_sid,
+                        "stop": {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid},
+                    }
+                )
+            )
+        await ws.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.closed.set()
+
+    async def wait_closed_by_server(self, within: float) -> None:
+        await asyncio.wait_for(self.closed.wait(), within)
+
+    # ------------------------------------------------------------ the caller
+
+    def say(self, pcm8k: npt.NDArray[np.int16]) -> Utterance:
+        """Queue caller audio (8 kHz PCM); it goes out in real time after what is queued."""
+        audio = pcm16_to_ulaw(pcm8k)
+        frames = [audio[i : i + FRAME_BYTES] for i in range(0, len(audio), FRAME_BYTES)]
+        if frames and len(frames[-1]) < FRAME_BYTES:
+            frames[-1] = frames[-1] + SILENCE[len(frames[-1]) :]
+        utterance = Utterance(frames=len(frames))
+        for frame in frames:
+            self._outgoing.put_nowait((frame, utterance))
+        if not frames:
+            utterance.done.set()
+        return utterance
+
+    async def send_raw(self, text: str) -> None:
+        """Anything at all on the socket (malformed-input tests)."""
+        assert self._ws is not None
+        await self._ws.send(text)
+
+    async def send_dtmf(self, digit: str) -> None:
+        await self._send_json(
+            {
+                "event": "dtmf",
+                "streamSid": self.stream_sid,
+                "dtmf": {"digit": digit, "track": "inbound_track"},
+            }
+        )
+
+    async def _send_frames(self) -> None:
+        """One frame every 20 ms on an absolute clock, like the carrier's RTP."""
+        start = self._loop.time()
+        sent = 0
+        chunk = 0
+        while self._ws is not None:
+            due = start + sent * FRAME_MS / 1000
+            delay = due - self._loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                frame, utterance = self._outgoing.get_nowait()
+            except asyncio.QueueEmpty:
+                frame, utterance = SILENCE, None
+            chunk += 1
+            payload = base64.b64encode(frame).decode()
+            message = (
+                f'{{"event":"media","sequenceNumber":"{self._next_sequence()}",'
+                f'"streamSid":"{self.stream_sid}","media":{{"track":"inbound",'
+                f'"chunk":"{chunk}","timestamp":"{sent * FRAME_MS}","payload":"{payload}"}}}}'
+            )
+            try:
+                await self._ws.send(message)
+            except (ConnectionClosed, AttributeError):
+                return
+            now = self._loop.time()
+            if utterance is not None:
+                utterance.frames -= 1
+                if utterance.started_at is None:
+                    utterance.started_at = now
+                if utterance.frames == 0:
+                    utterance.ended_at = now
+                    utterance.done.set()
+            sent += 1
+
+    # ------------------------------------------------------------ the agent
+
+    async def _receive(self) -> None:
+        assert self._ws is not None
+        ws = self._ws
+        try:
+            async for raw in ws:
+                message = json.loads(raw)
+                now = self._loop.time()
+                event = message.get("event")
+                if event == "media":
+                    audio = base64.b64decode(message["media"]["payload"])
+                    self.received.append(Received(now, "media", payload=audio))
+                    start = max(self._play_until, now)
+                    self._play_until = start + len(audio) / 8000
+                    self._playback.append(("audio", self._play_until))
+                    self._media_event.set()
+                elif event == "mark":
+                    name = message["mark"]["name"]
+                    self.received.append(Received(now, "mark", name=name))
+                    self._playback.append(("mark", name))
+                    self._media_event.set()
+                elif event == "clear":
+                    self.received.append(Received(now, "clear"))
+                    pending = [item for kind, item in self._playback if kind == "mark"]
+                    self._playback.clear()
+                    self._play_until = now
+                    for name in pending:
+                        await self._echo_mark(name)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed.set()
+
+    async def _play(self) -> None:
+        """Marks come back when the audio before them has played."""
+        while True:
+            if not self._playback:
+                self._media_event.clear()
+                await self._media_event.wait()
+                continue
+            kind, item = self._playback[0]
+            if kind == "audio":
+                delay = item - self._loop.time()
+                if delay > 0:
+                    await asyncio.sleep(min(delay, 0.01))
+                    continue
+                self._playback.pop(0)
+            else:
+                self._playback.pop(0)
+                await self._echo_mark(item)
+
+    async def _echo_mark(self, name: str) -> None:
+        self.marks_echoed.append(name)
+        with contextlib.suppress(ConnectionClosed, AssertionError):
+            await self._send_json(
+                {
+                    "event": "mark",
+                    "sequenceNumber": str(self._next_sequence()),
+                    "streamSid": self.stream_sid,
+                    "mark": {"name": name},
+                }
+            )
+
+    # ------------------------------------------------------------ helpers
+
+    def _next_sequence(self) -> int:
+        self._sequence += 1
+        return self._sequence
+
+    async def _send_json(self, message: dict[str, Any]) -> None:
+        assert self._ws is not None
+        await self._ws.send(json.dumps(message))
+
+    def media_after(self, t: float) -> list[Received]:
+        return [r for r in self.received if r.event == "media" and r.at >= t]
+
+    def first_media_after(self, t: float) -> float | None:
+        media = self.media_after(t)
+        return media[0].at if media else None
+
+    async def wait_for_media_after(self, t: float, within: float) -> float:
+        deadline = self._loop.time() + within
+        while True:
+            first = self.first_media_after(t)
+            if first is not None:
+                return first
+            if self._loop.time() > deadline:
+                raise TimeoutError("no agent audio arrived")
+            await asyncio.sleep(0.005)
+
+    async def wait_until_quiet(self, quiet_s: float, within: float) -> float:
+        """Until no agent audio has arrived for ``quiet_s`` and playback finished."""
+        deadline = self._loop.time() + within
+        while self._loop.time() < deadline:
+            media = [r.at for r in self.received if r.event == "media"]
+            now = self._loop.time()
+            if media and now - media[-1] >= quiet_s and now >= self._play_until:
+                return media[-1]
+            await asyncio.sleep(0.02)
+        raise TimeoutError("the agent kept talking")

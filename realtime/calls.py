@@ -1,0 +1,111 @@
+"""Tying a media stream to its call: load the call and its pinned agent version, build a session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from builder_engine.agent_config import AgentConfig, VariableValue
+from builder_engine.calls import CallStatus
+from builder_engine.db.models import AgentVersion, Call
+from realtime.lifecycle import CallLifecycle
+from realtime.media.vad import SileroModel, SileroVad
+from realtime.playout import OutboundMedia
+from realtime.providers.base import AudioFormat
+from realtime.recorder import StereoRecorder
+from realtime.session import CallSession, CallSetup, Providers
+from realtime.stats import RealtimeStats
+
+
+class CallNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class LoadedCall:
+    call_id: str
+    organization_id: str
+    config: AgentConfig
+    variables: dict[str, VariableValue] = field(default_factory=dict)
+    join_token_hash: str | None = None  # web calls: the hash of the token that may join
+
+
+class CallLoader:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    async def load(self, call_id: str) -> LoadedCall:
+        if not call_id:
+            raise CallNotFound("no call id")
+        async with self._sessions() as session:
+            row = (
+                await session.exec(
+                    select(Call, AgentVersion)
+                    .join(
+                        AgentVersion,
+                        (AgentVersion.agent_id == Call.agent_id)  # type: ignore[arg-type]
+                        & (AgentVersion.version == Call.agent_version),
+                    )
+                    .where(Call.id == call_id)
+                )
+            ).first()
+        if row is None:
+            raise CallNotFound(call_id)
+        call, version = row
+        if call.status == CallStatus.ENDED:
+            raise CallNotFound(f"{call_id} has ended")
+        variables = call.call_metadata.get("variables") or {}
+        return LoadedCall(
+            call_id=call.id,
+            organization_id=call.organization_id,
+            config=AgentConfig.model_validate(version.config),
+            variables=dict(variables),
+            join_token_hash=call.call_metadata.get("join_token_hash"),
+        )
+
+
+class ProviderFactory(Protocol):
+    def build(self, config: AgentConfig, media_format: AudioFormat) -> Providers: ...
+
+
+class SessionFactory:
+    """Everything a new call session needs, shared by all calls of this process."""
+
+    def __init__(
+        self,
+        providers: ProviderFactory,
+        lifecycle: Callable[[str], CallLifecycle],
+        recordings_dir: Path | None,
+        stats: RealtimeStats | None = None,
+        vad_model: SileroModel | None = None,
+    ) -> None:
+        self.stats = stats or RealtimeStats()
+        self._vad_model = vad_model or SileroModel()
+        self._providers = providers
+        self._lifecycle = lifecycle
+        self._recordings_dir = recordings_dir
+
+    async def create(
+        self, call: LoadedCall, outbound: OutboundMedia, media_format: AudioFormat
+    ) -> CallSession:
+        recorder = None
+        if self._recordings_dir is not None:
+            recorder = StereoRecorder(
+                self._recordings_dir / f"{call.call_id}.wav", media_format.sample_rate
+            )
+        vad_rate = 8000 if media_format.sample_rate == 8000 else 16000
+        return CallSession(
+            CallSetup(call.call_id, call.config, media_format, call.variables),
+            self._providers.build(call.config, media_format),
+            outbound,
+            self._lifecycle(call.call_id),
+            vad=SileroVad(vad_rate, model=self._vad_model),
+            recorder=recorder,
+            stats=self.stats,
+        )

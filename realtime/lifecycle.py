@@ -1,0 +1,105 @@
+"""Telling the call's durable workflow what happened, without ever blocking the audio loop.
+
+Signals are queued and sent by one background task per call; turns are sent in
+batches. The session only calls the non-blocking methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from temporalio.client import Client
+
+from workflows.types import CommittedTurn
+
+log = logging.getLogger(__name__)
+
+
+class CallLifecycle(Protocol):
+    def answered(self) -> None: ...
+
+    def commit_turn(self, turn: CommittedTurn) -> None: ...
+
+    def ended(self, reason: str) -> None: ...
+
+    async def aclose(self) -> None:
+        """Deliver everything queued (the end included), then stop."""
+
+
+@dataclass(frozen=True)
+class _Signal:
+    name: str
+    arg: object | None = None
+
+
+class TemporalCallLifecycle:
+    """Signals the call's CallWorkflow (workflow id = call id)."""
+
+    def __init__(self, client: Client, call_id: str, *, batch_delay_s: float = 0.05) -> None:
+        self._handle = client.get_workflow_handle(call_id)
+        self._queue: asyncio.Queue[_Signal | None] = asyncio.Queue()
+        self._batch_delay_s = batch_delay_s
+        self._task = asyncio.create_task(self._deliver(), name=f"lifecycle-{call_id}")
+
+    def answered(self) -> None:
+        self._queue.put_nowait(_Signal("answered"))
+
+    def commit_turn(self, turn: CommittedTurn) -> None:
+        self._queue.put_nowait(_Signal("turns_committed", turn))
+
+    def ended(self, reason: str) -> None:
+        self._queue.put_nowait(_Signal("ended", reason))
+
+    async def aclose(self) -> None:
+        self._queue.put_nowait(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), 10.0)
+        except TimeoutError:
+            log.error("gave up delivering call signals to %s", self._handle.id)
+            self._task.cancel()
+
+    async def _deliver(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            if item.name == "turns_committed":
+                # Turns that come close together travel in one signal.
+                await asyncio.sleep(self._batch_delay_s)
+                turns = [item.arg]
+                while not self._queue.empty():
+                    peek = self._queue.get_nowait()
+                    if peek is not None and peek.name == "turns_committed":
+                        turns.append(peek.arg)
+                    else:
+                        await self._send("turns_committed", turns)
+                        turns = []
+                        if peek is None:
+                            return
+                        await self._send(peek.name, peek.arg)
+                        break
+                if turns:
+                    await self._send("turns_committed", turns)
+                continue
+            await self._send(item.name, item.arg)
+
+    async def _send(self, name: str, arg: object | None) -> None:
+        for attempt in range(5):
+            try:
+                if arg is None:
+                    await self._handle.signal(name)
+                else:
+                    await self._handle.signal(name, arg)
+                return
+            except Exception as exc:
+                log.warning(
+                    "signal %s to %s failed (%s), attempt %d",
+                    name,
+                    self._handle.id,
+                    exc,
+                    attempt + 1,
+                )
+                await asyncio.sleep(0.2 * 2**attempt)

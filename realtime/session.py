@@ -1,0 +1,645 @@
+"""One call's conversation loop: caller audio in, turn taking, answer out, barge-in.
+
+The transport feeds caller audio, marks and DTMF into the session; the session sends
+paced audio back through the transport's outbound side. It owns its tasks and timers:
+``run()`` is the one place a call is torn down, whatever ended it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from builder_engine.agent_config import AgentConfig, VariableValue, render_template
+from builder_engine.calls import EndedReason, Speaker
+from builder_engine.timeutil import utcnow
+from realtime.conversation import Conversation
+from realtime.lifecycle import CallLifecycle
+from realtime.media.convert import AudioConverter, decode
+from realtime.media.vad import SileroVad
+from realtime.metrics import TurnMetrics
+from realtime.playout import OutboundMedia, Playout, SpokenSegment
+from realtime.providers.base import (
+    AsrProvider,
+    AsrStream,
+    AudioFormat,
+    LlmProvider,
+    ProviderError,
+    TextDelta,
+    ToolCallsRequested,
+    TranscriptEvent,
+    TtsProvider,
+)
+from realtime.recorder import StereoRecorder
+from realtime.sentences import SentenceChunker
+from realtime.state import CallPhase, CallStateMachine
+from realtime.stats import RealtimeStats
+from realtime.turns import TurnPolicy, VoiceTracker
+from workflows.types import CommittedTurn
+
+log = logging.getLogger(__name__)
+
+APOLOGY = "I'm sorry, I'm having trouble right now. Please call back in a little while."
+REPROMPT = "Are you still there?"
+SILENCE_GOODBYE = "I haven't heard anything, so I'll hang up now. Goodbye."
+TIME_LIMIT_GOODBYE = "We've reached the time limit for this call. Thank you, goodbye."
+
+TRANSCRIPT_WAIT_S = 1.5  # longest wait for the recognizer's final after the endpoint
+CLOSING_PLAYBACK_S = 15.0  # longest wait for a goodbye to play before hanging up
+DTMF_COLLECT_S = 1.5  # digits typed within this of each other are one entry
+
+
+@dataclass(frozen=True)
+class CallSetup:
+    call_id: str
+    config: AgentConfig
+    media_format: AudioFormat
+    variables: dict[str, VariableValue] = field(default_factory=dict)
+    lead_ms: float = 60.0
+
+
+@dataclass(frozen=True)
+class Providers:
+    asr: AsrProvider
+    llm: LlmProvider
+    tts: TtsProvider
+
+
+def rms_dbfs(pcm: npt.NDArray[np.int16]) -> float:
+    if pcm.size == 0:
+        return -120.0
+    samples = pcm.astype(np.float32)
+    power = float(np.dot(samples, samples)) / pcm.size
+    return 10.0 * math.log10(power / (32768.0 * 32768.0) + 1e-12)
+
+
+class _RecordingOutbound:
+    """Passes frames to the transport and copies what was sent into the recording."""
+
+    def __init__(
+        self, inner: OutboundMedia, recorder: StereoRecorder | None, fmt: AudioFormat
+    ) -> None:
+        self._inner = inner
+        self._recorder = recorder
+        self._format = fmt
+
+    async def send_audio(self, frame: bytes) -> None:
+        await self._inner.send_audio(frame)
+        if self._recorder is not None:
+            self._recorder.add_agent(decode(frame, self._format))
+
+    async def send_mark(self, name: str) -> None:
+        await self._inner.send_mark(name)
+
+    async def send_clear(self) -> None:
+        await self._inner.send_clear()
+
+
+class CallSession:
+    def __init__(
+        self,
+        setup: CallSetup,
+        providers: Providers,
+        outbound: OutboundMedia,
+        lifecycle: CallLifecycle,
+        *,
+        vad: SileroVad,
+        recorder: StereoRecorder | None = None,
+        stats: RealtimeStats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.setup = setup
+        self.config = setup.config
+        self.providers = providers
+        self.lifecycle = lifecycle
+        self.recorder = recorder
+        self.stats = stats or RealtimeStats()
+        self.clock = clock
+        self.state = CallStateMachine(on_change=self._on_phase)
+        self.policy = TurnPolicy.from_config(setup.config.turn)
+        self.tracker = VoiceTracker()
+        variables = {**setup.config.variables, **setup.variables}
+        self.variables = variables
+        self.conversation = Conversation(self.config.system_prompt(setup.variables))
+        fmt = setup.media_format
+        frame_bytes = fmt.bytes_per_second // 50  # 20 ms
+        self.playout = Playout(
+            _RecordingOutbound(outbound, recorder, fmt),
+            frame_bytes=frame_bytes,
+            lead_ms=setup.lead_ms,
+            silence_byte=0xFF if fmt.encoding == "mulaw" else 0x00,
+            clock=clock,
+            on_first_frame=self._on_first_frame,
+        )
+        self._vad = vad
+        vad_format = AudioFormat("pcm16", vad.sample_rate)
+        self._to_vad = AudioConverter(fmt, vad_format)
+        self._to_asr = AudioConverter(fmt, providers.asr.input_format)
+        self._from_tts = AudioConverter(providers.tts.output_format, fmt)
+        self._frame_ms = 20.0
+        self._asr: AsrStream | None = None
+        self._ended = asyncio.Event()
+        self.ended_reason: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._response: asyncio.Task[None] | None = None
+        self._metrics: TurnMetrics | None = None
+        self._turn_index = 0
+        # Caller-audio clock: stream time of the audio received (and of the audio the VAD
+        # has seen), and the wall time the latest frame arrived.
+        self._audio_ms = 0.0
+        self._vad_ms = 0.0
+        self._audio_wall = clock()
+        self._endpoint_timer: asyncio.TimerHandle | None = None
+        self._endpoint_deadline: float | None = None
+        self._silence_timer: asyncio.TimerHandle | None = None
+        self._max_timer: asyncio.TimerHandle | None = None
+        self._dtmf_timer: asyncio.TimerHandle | None = None
+        self._dtmf_digits = ""
+        self._reprompted = False
+        self._finishing = False
+        self._unanswered = False  # an answer was dropped because the caller went on
+        # Transcript of the caller's current turn.
+        self._final_parts: list[str] = []
+        self._interim = ""
+        self._finals_seen = 0
+        self._transcript_changed = asyncio.Event()
+        self.phase_log: list[CallPhase] = [CallPhase.IDLE]
+        self.turns: list[CommittedTurn] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> str:
+        """Run the call until it ends; returns the ended reason."""
+        loop = asyncio.get_running_loop()
+        self.stats.call_started()
+        try:
+            self._asr = await self.providers.asr.open_stream(
+                language=self.config.language, keywords=self.config.asr.keywords
+            )
+            self._spawn(self.playout.run(), "playout")
+            self._spawn(self._consume_transcripts(self._asr), "asr-events")
+            self._max_timer = loop.call_later(self.config.max_duration_s, self._on_max_duration)
+            self.lifecycle.answered()
+            if self.config.first_speaker == "agent" and self.config.first_message:
+                greeting = render_template(self.config.first_message, self.variables)
+                self.state.to(CallPhase.PROCESSING)
+                self._start_response(self._say(greeting, TurnMetrics()))
+            else:
+                self.state.to(CallPhase.LISTENING)
+                self._arm_silence_timer()
+            await self._ended.wait()
+        except ProviderError as exc:
+            log.error("call %s: %s", self.setup.call_id, exc)
+            self.ended_reason = self.ended_reason or EndedReason.PROVIDER_ERROR
+        finally:
+            await self._teardown()
+        return self.ended_reason or EndedReason.FAILED
+
+    def end(self, reason: str) -> None:
+        """End the call now (the caller hung up, the transport failed, ...). Idempotent."""
+        if self.ended_reason is None:
+            self.ended_reason = reason
+        self._ended.set()
+
+    async def _teardown(self) -> None:
+        for timer in (self._endpoint_timer, self._silence_timer, self._max_timer, self._dtmf_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._response is not None and not self._response.done():
+            # The call ended mid-answer: the history keeps what the caller heard of it.
+            heard = self.playout.heard_text(self.clock())
+            if heard:
+                metrics = self._metrics
+                self._commit(
+                    Speaker.AGENT,
+                    heard,
+                    interrupted=True,
+                    latency=metrics.as_latency_ms() if metrics else {},
+                )
+        tasks = [t for t in (self._response, *self._tasks) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._asr is not None:
+            try:
+                await asyncio.wait_for(self._asr.close(), 2.0)
+            except Exception as exc:
+                log.warning("call %s: closing ASR failed: %s", self.setup.call_id, exc)
+        self._vad.close()
+        if self.recorder is not None:
+            self.recorder.close()
+        self.state.to(CallPhase.ENDED)
+        self.lifecycle.ended(self.ended_reason or EndedReason.FAILED)
+        self.stats.call_ended(self.playout.stats.max_gap_ms, self.playout.stats.gaps_over_40ms)
+        await self.lifecycle.aclose()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"{self.setup.call_id}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("call %s: task %s failed: %r", self.setup.call_id, task.get_name(), exc)
+            self.end(
+                EndedReason.PROVIDER_ERROR if isinstance(exc, ProviderError) else EndedReason.FAILED
+            )
+
+    def _on_phase(self, previous: CallPhase, phase: CallPhase) -> None:
+        self.phase_log.append(phase)
+
+    # ------------------------------------------------------------ caller input
+
+    async def on_audio(self, audio: bytes) -> None:
+        """One frame of caller audio in the transport's format."""
+        if self._ended.is_set():
+            return
+        now = self.clock()
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        to_asr = self._to_asr.convert(audio)
+        pcm = self._to_vad.convert_to_pcm(audio)
+        if self.recorder is not None:
+            self.recorder.add_caller(self._recording_samples(audio, pcm))
+        window_ms = self._vad.window_ms
+        for probability in self._vad.process_windows(pcm):
+            start = self._vad_ms
+            self._vad_ms += window_ms
+            if self.tracker.push(probability, start, window_ms):
+                self._on_speech_onset()
+        self._audio_ms += 1000.0 * len(pcm) / self._vad.sample_rate
+        self.tracker.push_energy(rms_dbfs(pcm), self._audio_ms)
+        self._audio_wall = now
+        self.stats.frame_processed(time.thread_time() - started_cpu, time.perf_counter() - started)
+        self._follow_turn()
+        if self._asr is not None:
+            await self._asr.send_audio(to_asr)
+
+    def _recording_samples(self, audio: bytes, vad_pcm: npt.NDArray[np.int16]) -> Any:
+        if self._vad.sample_rate == self.setup.media_format.sample_rate:
+            return vad_pcm
+        return decode(audio, self.setup.media_format)
+
+    def on_mark(self, name: str) -> None:
+        self.playout.on_mark(name)
+
+    def on_dtmf(self, digit: str) -> None:
+        if self._ended.is_set():
+            return
+        self._cancel_silence_timer()
+        self._dtmf_digits += digit
+        if self._dtmf_timer is not None:
+            self._dtmf_timer.cancel()
+        if digit == "#":
+            self._commit_dtmf()
+        else:
+            self._dtmf_timer = asyncio.get_running_loop().call_later(
+                DTMF_COLLECT_S, self._commit_dtmf
+            )
+
+    def _commit_dtmf(self) -> None:
+        digits, self._dtmf_digits = self._dtmf_digits.rstrip("#"), ""
+        self._dtmf_timer = None
+        if not digits or self._finishing:
+            return
+        self._spawn(self._take_dtmf(digits), "dtmf")
+
+    async def _take_dtmf(self, digits: str) -> None:
+        if self.state.phase in (CallPhase.SPEAKING, CallPhase.PROCESSING):
+            await self._interrupt()
+        self.state.to(CallPhase.PROCESSING)
+        text = f"(The caller pressed the keys: {digits})"
+        self._commit(Speaker.CALLER, text)
+        self.conversation.add_user(text)
+        metrics = TurnMetrics(speech_end=self.clock(), endpoint=self.clock())
+        self._start_response(self._answer_with_llm(metrics))
+
+    # ------------------------------------------------------------ turn taking
+
+    def _wall(self, stream_ms: float) -> float:
+        return self._audio_wall - (self._audio_ms - stream_ms) / 1000.0
+
+    def _on_speech_onset(self) -> None:
+        self._cancel_silence_timer()
+
+    def _caller_text(self) -> str:
+        return " ".join([*self._final_parts, self._interim]).strip()
+
+    def _follow_turn(self) -> None:
+        phase = self.state.phase
+        if not self.tracker.in_speech or self._finishing:
+            return
+        speech_ms = self.tracker.speech_ms(self._vad_ms)
+        if phase == CallPhase.SPEAKING or (phase == CallPhase.PROCESSING and self.playout.playing):
+            if self.policy.is_interruption(speech_ms, self._caller_text()):
+                self._spawn(self._interrupt(), "interrupt")
+            return
+        if phase == CallPhase.PROCESSING and self._response is not None:
+            # The caller only paused: they go on before the answer has started playing.
+            if speech_ms >= self.policy.interrupt_min_ms:
+                self._spawn(self._resume_listening(), "resume-listening")
+            return
+        if phase not in (CallPhase.LISTENING, CallPhase.IDLE):
+            return
+        speech_end = self.tracker.speech_end_ms
+        if self.tracker.pause_ms(self._vad_ms) <= 0 or speech_end is None:
+            self._disarm_endpoint()
+            return
+        needed = self.policy.silence_needed_ms(self._caller_text())
+        deadline = self._wall(speech_end) + needed / 1000.0
+        if self._endpoint_deadline is not None and abs(deadline - self._endpoint_deadline) < 1e-4:
+            return
+        self._disarm_endpoint()
+        self._endpoint_deadline = deadline
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, deadline - self.clock())
+        self._endpoint_timer = loop.call_later(delay, self._on_endpoint)
+
+    def _disarm_endpoint(self) -> None:
+        if self._endpoint_timer is not None:
+            self._endpoint_timer.cancel()
+        self._endpoint_timer = None
+        self._endpoint_deadline = None
+
+    def _on_endpoint(self) -> None:
+        self._endpoint_timer = None
+        self._endpoint_deadline = None
+        if self.state.phase not in (CallPhase.LISTENING, CallPhase.IDLE) or self._ended.is_set():
+            return
+        speech_end = self.tracker.speech_end_ms
+        if speech_end is None:
+            return
+        metrics = TurnMetrics(speech_end=self._wall(speech_end), endpoint=self.clock())
+        self.tracker.end_speech()
+        self.state.to(CallPhase.PROCESSING)
+        finals_before = self._finals_seen
+        pending = bool(self._interim)
+        if self._asr is not None:
+            self._spawn(self._asr.finalize(), "asr-finalize")
+        self._start_response(self._answer_turn(metrics, finals_before, pending))
+
+    async def _consume_transcripts(self, stream: AsrStream) -> None:
+        async for event in stream.events():
+            if not isinstance(event, TranscriptEvent):
+                continue
+            if event.is_final:
+                if event.text.strip():
+                    self._final_parts.append(event.text.strip())
+                self._interim = ""
+                self._finals_seen += 1
+            else:
+                self._interim = event.text.strip()
+            self._transcript_changed.set()
+            self._follow_turn()
+
+    async def _caller_turn_text(self, finals_before: int, pending: bool) -> str:
+        """The caller's words once the recognizer has finalized them (or waited enough)."""
+        deadline = self.clock() + TRANSCRIPT_WAIT_S
+        while True:
+            finalized = self._finals_seen > finals_before and not self._interim
+            if finalized or (not pending and self._final_parts and not self._interim):
+                break
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                log.warning("call %s: no final transcript in time", self.setup.call_id)
+                break
+            self._transcript_changed.clear()
+            try:
+                await asyncio.wait_for(self._transcript_changed.wait(), remaining)
+            except TimeoutError:
+                continue
+        text = self._caller_text()
+        self._final_parts = []
+        self._interim = ""
+        return text
+
+    # ------------------------------------------------------------ answering
+
+    def _start_response(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._response = asyncio.create_task(coro, name=f"{self.setup.call_id}:response")
+        self._response.add_done_callback(self._task_done)
+
+    async def _answer_turn(self, metrics: TurnMetrics, finals_before: int, pending: bool) -> None:
+        text = await self._caller_turn_text(finals_before, pending)
+        metrics.asr_final = self.clock()
+        if not text and not self._unanswered:
+            # Noise, a cough: nothing to answer. The floor goes back to the caller.
+            self.state.to(CallPhase.LISTENING)
+            self._arm_silence_timer()
+            return
+        if text:
+            self._commit(Speaker.CALLER, text)
+            self.conversation.add_user(text)
+        self._unanswered = False
+        await self._answer_with_llm(metrics)
+
+    async def _answer_with_llm(self, metrics: TurnMetrics) -> None:
+        self._metrics = metrics
+        brain = self.config.brain
+        deltas = self._llm_text(metrics, brain.temperature, brain.max_tokens)
+        await self._speak(deltas, metrics)
+
+    async def _llm_text(
+        self, metrics: TurnMetrics, temperature: float, max_tokens: int | None
+    ) -> AsyncIterator[str]:
+        try:
+            async for event in self.providers.llm.stream(
+                self.conversation.messages(), temperature=temperature, max_tokens=max_tokens
+            ):
+                if isinstance(event, TextDelta):
+                    if metrics.llm_first_token is None:
+                        metrics.llm_first_token = self.clock()
+                    yield event.text
+                elif isinstance(event, ToolCallsRequested):
+                    # Tools run through the call's workflow (next issue); none are offered yet.
+                    log.warning(
+                        "call %s: model asked for tools that are not offered", self.setup.call_id
+                    )
+        except ProviderError as exc:
+            log.error("call %s: language model failed: %s", self.setup.call_id, exc)
+            yield (" " if metrics.llm_first_token else "") + APOLOGY
+            self._finishing = True
+            self.ended_reason = self.ended_reason or EndedReason.PROVIDER_ERROR
+
+    async def _say(self, text: str, metrics: TurnMetrics) -> None:
+        async def fixed() -> AsyncIterator[str]:
+            yield text
+
+        self._metrics = metrics
+        await self._speak(fixed(), metrics)
+
+    async def _speak(self, deltas: AsyncIterator[str], metrics: TurnMetrics) -> None:
+        """Stream text through TTS sentence by sentence, then wait until it has been heard."""
+        sentences: asyncio.Queue[str | None] = asyncio.Queue()
+        synthesis = asyncio.create_task(self._synthesize(sentences, metrics))
+        spoken: list[str] = []
+        chunker = SentenceChunker()
+        try:
+            async for delta in deltas:
+                spoken.append(delta)
+                for sentence in chunker.push(delta):
+                    sentences.put_nowait(sentence)
+            rest = chunker.flush()
+            if rest:
+                sentences.put_nowait(rest)
+            sentences.put_nowait(None)
+            await synthesis
+            await self.playout.wait_played()
+        finally:
+            if not synthesis.done():
+                synthesis.cancel()
+                await asyncio.gather(synthesis, return_exceptions=True)
+        answer = "".join(spoken).strip()
+        self._commit(Speaker.AGENT, answer, latency=metrics.as_latency_ms())
+        self.conversation.add_assistant(answer)
+        self.playout.forget_played()
+        self._metrics = None
+        self._response = None
+        if self._finishing:
+            self.end(self.ended_reason or EndedReason.AGENT_HANGUP)
+            return
+        if self._says_goodbye(answer):
+            self.end(EndedReason.END_CALL_PHRASE)
+            return
+        self.state.to(CallPhase.LISTENING)
+        self._arm_silence_timer()
+
+    async def _synthesize(self, sentences: asyncio.Queue[str | None], metrics: TurnMetrics) -> None:
+        while (sentence := await sentences.get()) is not None:
+            if metrics.first_sentence is None:
+                metrics.first_sentence = self.clock()
+            segment: SpokenSegment = self.playout.start_segment(sentence)
+            try:
+                async for audio in self.providers.tts.synthesize(sentence):
+                    if metrics.tts_first_byte is None:
+                        metrics.tts_first_byte = self.clock()
+                    self.playout.add_audio(segment, self._from_tts.convert(audio))
+            finally:
+                self.playout.end_segment(segment)
+
+    def _on_first_frame(self, segment: SpokenSegment, sent_at: float) -> None:
+        metrics = self._metrics
+        if metrics is not None and metrics.first_audio is None:
+            metrics.first_audio = sent_at
+        if self.state.phase in (CallPhase.PROCESSING, CallPhase.IDLE):
+            self.state.to(CallPhase.SPEAKING)
+
+    def _says_goodbye(self, answer: str) -> bool:
+        lowered = answer.lower()
+        return any(phrase.lower() in lowered for phrase in self.config.end_call_phrases)
+
+    async def _resume_listening(self) -> None:
+        """Drop the answer being prepared; the caller's next words join the same turn."""
+        response, self._response = self._response, None
+        if response is None or response.done() or self._finishing:
+            return
+        response.remove_done_callback(self._task_done)
+        response.cancel()
+        await asyncio.gather(response, return_exceptions=True)
+        self._metrics = None
+        self._unanswered = True
+        self.state.to(CallPhase.LISTENING)
+        self._follow_turn()
+
+    async def _interrupt(self) -> None:
+        """Barge-in: stop talking now; keep in the history only what the caller heard."""
+        response, self._response = self._response, None
+        if response is None or response.done():
+            return
+        response.remove_done_callback(self._task_done)
+        response.cancel()
+        await asyncio.gather(response, return_exceptions=True)
+        heard = await self.playout.interrupt()
+        metrics, self._metrics = self._metrics, None
+        if heard:
+            self._commit(
+                Speaker.AGENT,
+                heard,
+                interrupted=True,
+                latency=metrics.as_latency_ms() if metrics else {},
+            )
+            self.conversation.add_assistant(heard, interrupted=True)
+        self.state.to(CallPhase.LISTENING)
+        self._follow_turn()
+
+    # ------------------------------------------------------------ timers
+
+    def _arm_silence_timer(self) -> None:
+        self._cancel_silence_timer()
+        loop = asyncio.get_running_loop()
+        self._silence_timer = loop.call_later(self.config.silence_timeout_s, self._on_silence)
+
+    def _cancel_silence_timer(self) -> None:
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
+
+    def _on_silence(self) -> None:
+        self._silence_timer = None
+        if self.state.phase != CallPhase.LISTENING or self.tracker.in_speech:
+            return
+        self.state.to(CallPhase.PROCESSING)
+        if not self._reprompted:
+            self._reprompted = True
+            self._start_response(self._say(REPROMPT, TurnMetrics()))
+        else:
+            self._finish(EndedReason.SILENCE_TIMEOUT, SILENCE_GOODBYE)
+
+    def _on_max_duration(self) -> None:
+        self._max_timer = None
+        self._spawn(self._close_for_time(), "max-duration")
+
+    async def _close_for_time(self) -> None:
+        if self.state.phase in (CallPhase.SPEAKING, CallPhase.PROCESSING):
+            await self._interrupt()
+        if self.state.phase == CallPhase.LISTENING:
+            self.state.to(CallPhase.PROCESSING)
+        self._finish(EndedReason.MAX_DURATION, TIME_LIMIT_GOODBYE)
+
+    def _finish(self, reason: str, goodbye: str) -> None:
+        """Say goodbye, wait for it to play (bounded), then end with ``reason``."""
+        self._finishing = True
+        if self.ended_reason is None:
+            self.ended_reason = reason
+
+        async def goodbye_then_end() -> None:
+            try:
+                await asyncio.wait_for(self._say(goodbye, TurnMetrics()), CLOSING_PLAYBACK_S)
+            finally:
+                self.end(reason)
+
+        self._start_response(goodbye_then_end())
+
+    # ------------------------------------------------------------ history
+
+    def _commit(
+        self,
+        speaker: Speaker,
+        text: str,
+        *,
+        interrupted: bool = False,
+        latency: dict[str, float] | None = None,
+    ) -> None:
+        turn = CommittedTurn(
+            index=self._turn_index,
+            speaker=str(speaker),
+            text=text,
+            interrupted=interrupted,
+            ended_at=utcnow(),
+            latency=latency or {},
+        )
+        self._turn_index += 1
+        self.turns.append(turn)
+        self.lifecycle.commit_turn(turn)

@@ -1,0 +1,187 @@
+"""A whole platform in one test process: Temporal dev server, worker, API, realtime server
+on loopback, and the vendor emulators behind it. Used by the end-to-end call tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import secrets
+import socket
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from twilio.request_validator import RequestValidator
+
+from activities.calls import CallActivities
+from api.app import create_app as create_api
+from builder_engine.apikeys import create_org_api_key
+from builder_engine.config import Settings
+from builder_engine.db.engine import create_async_db_engine
+from builder_engine.db.migrate import upgrade
+from builder_engine.temporal_setup import ensure_search_attributes
+from conftest import installed_binary
+from emulators.deepgram import DeepgramEmulator
+from emulators.elevenlabs import ElevenLabsEmulator
+from emulators.openai import OpenAIEmulator, ScriptRule
+from emulators.twilio_phone import TwilioPhone
+from realtime.app import create_app as create_realtime
+from realtime.calls import ProviderFactory
+from workers.temporal_worker import build_worker
+
+TWILIO_TOKEN = "twilio-test-auth-token"
+PUBLIC_URL = "https://voice.example.test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    api: httpx.AsyncClient
+    api_key: str
+    temporal: Client
+    realtime_url: str
+    deepgram: DeepgramEmulator
+    openai: OpenAIEmulator
+    elevenlabs: ElevenLabsEmulator
+
+    async def create_agent(self, **config: Any) -> dict[str, Any]:
+        response = await self.api.post("/v1/agents", json=config)
+        assert response.status_code == 201, response.text
+        agent: dict[str, Any] = response.json()
+        return agent
+
+    async def add_number(self, agent_id: str) -> str:
+        number = "+1415" + "".join(secrets.choice("0123456789") for _ in range(7))
+        response = await self.api.post(
+            "/v1/phone-numbers", json={"number": number, "carrier": "twilio", "agent_id": agent_id}
+        )
+        assert response.status_code == 201, response.text
+        return number
+
+    async def incoming_call(self, to_number: str) -> tuple[str, str, str]:
+        """Twilio's signed voice webhook; returns (call sid, stream URL, call id)."""
+        call_sid = "CA" + secrets.token_hex(16)
+        params = {
+            "CallSid": call_sid,
+            "AccountSid": "AC" + "0" * 32,
+            "From": "+14155550123",
+            "To": to_number,
+            "CallStatus": "ringing",
+            "Direction": "inbound",
+        }
+        url = f"{PUBLIC_URL}/telephony/twilio/voice"
+        signature = RequestValidator(TWILIO_TOKEN).compute_signature(url, params)
+        response = await self.api.post(
+            "/telephony/twilio/voice", data=params, headers={"X-Twilio-Signature": signature}
+        )
+        assert response.status_code == 200, response.text
+        twiml = response.text
+        stream = re.search(r'<Stream url="([^"]+)"', twiml)
+        call_id = re.search(r'<Parameter name="call_id" value="([^"]+)"', twiml)
+        assert stream and call_id, twiml
+        return call_sid, stream.group(1), call_id.group(1)
+
+    def phone(self, stream_url: str, call_id: str, call_sid: str) -> TwilioPhone:
+        return TwilioPhone(stream_url, parameters={"call_id": call_id}, call_sid=call_sid)
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    tmp_path: Path,
+    *,
+    asr_script: Sequence[str],
+    llm_script: Sequence[ScriptRule],
+    database_url: str | None = None,
+    providers: ProviderFactory | None = None,
+    asr_final_latency_ms: float = 100,
+    llm_first_token_ms: float = 200,
+    tts_first_byte_ms: float = 150,
+) -> AsyncIterator[Stack]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=installed_binary("temporal"),
+        dev_server_log_level="error",
+    )
+    try:
+        await ensure_search_attributes(env.client, env.client.namespace)
+        async with (
+            DeepgramEmulator(script=list(asr_script), final_latency_ms=asr_final_latency_ms) as dg,
+            OpenAIEmulator(llm_script, first_token_latency_ms=llm_first_token_ms) as oa,
+            ElevenLabsEmulator(first_byte_latency_ms=tts_first_byte_ms) as el,
+        ):
+            realtime_port = free_port()
+            settings = Settings(
+                data_dir=tmp_path,
+                database_url=database_url,
+                temporal_address=env.client.service_client.config.target_host,
+                temporal_task_queue=f"e2e-{secrets.token_hex(4)}",
+                public_url=PUBLIC_URL,
+                realtime_public_url=f"ws://127.0.0.1:{realtime_port}",
+                realtime_port=realtime_port,
+                twilio_auth_token=TWILIO_TOKEN,
+                openai_api_key=oa.api_key,
+                openai_base_url=oa.base_url,
+                deepgram_api_key=dg.api_key,
+                deepgram_base_url=dg.url,
+                elevenlabs_api_key=el.api_key,
+                elevenlabs_base_url=el.url,
+                _env_file=None,
+            )
+            upgrade(settings)
+            key = create_org_api_key(settings, f"e2e-{secrets.token_hex(3)}")
+            engine = create_async_db_engine(settings)
+            worker = build_worker(env.client, settings.temporal_task_queue, CallActivities(engine))
+            api_app = create_api(settings)
+            realtime_app = create_realtime(settings, providers=providers)
+            server = uvicorn.Server(
+                uvicorn.Config(
+                    realtime_app,
+                    host="127.0.0.1",
+                    port=realtime_port,
+                    log_level="warning",
+                    ws="websockets-sansio",
+                )
+            )
+            serving = asyncio.create_task(server.serve())
+            try:
+                while not server.started:
+                    if serving.done():
+                        serving.result()
+                    await asyncio.sleep(0.01)
+                async with (
+                    worker,
+                    api_app.router.lifespan_context(api_app),
+                    httpx.AsyncClient(
+                        transport=httpx.ASGITransport(app=api_app),
+                        base_url="http://testserver",
+                        headers={"Authorization": f"Bearer {key}"},
+                    ) as client,
+                ):
+                    yield Stack(
+                        settings=settings,
+                        api=client,
+                        api_key=key,
+                        temporal=env.client,
+                        realtime_url=settings.effective_realtime_url,
+                        deepgram=dg,
+                        openai=oa,
+                        elevenlabs=el,
+                    )
+            finally:
+                server.should_exit = True
+                await serving
+                await engine.dispose()
+    finally:
+        await env.shutdown()
