@@ -137,6 +137,12 @@ def start_process(argv: list[str], environ: dict[str, str]) -> subprocess.Popen[
     return subprocess.Popen(argv, env=environ)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -155,8 +161,11 @@ async def wait_http(url: str, within: float) -> None:
     raise TimeoutError(url)
 
 
-async def latency_breakdown(settings: Settings) -> dict[str, float]:
-    """Medians of the per-turn latencies the realtime process recorded."""
+async def latency_breakdown(
+    settings: Settings,
+) -> tuple[dict[str, float], tuple[float, float]]:
+    """Medians of the per-turn latencies the realtime process recorded, and the p50/p95
+    of the platform's own share of each turn."""
     from sqlmodel import select
 
     from builder_engine.db.models import CallTurn
@@ -166,17 +175,19 @@ async def latency_breakdown(settings: Settings) -> dict[str, float]:
         turns = (await session.exec(select(CallTurn).where(CallTurn.speaker == "agent"))).all()
     await engine.dispose()
     names = sorted({name for turn in turns for name in turn.latency})
-    return {
+    medians = {
         name: round(statistics.median(t.latency[name] for t in turns if name in t.latency), 1)
         for name in names
     }
+    platform = [t.latency["platform_ms"] for t in turns if "platform_ms" in t.latency]
+    return medians, (percentile(platform, 50), percentile(platform, 95))
 
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def main(calls: int, turns: int) -> None:
+async def main(calls: int, turns: int, token_interval_ms: float) -> None:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
         dev_server_log_level="error",
@@ -194,6 +205,7 @@ async def main(calls: int, turns: int) -> None:
                     Reply(text="Of course."),
                 ],
                 first_token_latency_ms=LLM_MS,
+                token_interval_ms=token_interval_ms,
             ) as oa,
             ElevenLabsEmulator(first_byte_latency_ms=TTS_MS) as el,
         ):
@@ -273,6 +285,7 @@ async def main(calls: int, turns: int) -> None:
             long_question = caller_speech(LONG_QUESTION, 1.4)
             barge_in = caller_speech(BARGE_IN, 1.2)
             baseline_rss = rss_mb(realtime.pid)
+            cpu_before = cpu_seconds(realtime.pid), time.process_time()
             url = f"ws://127.0.0.1:{port}/media/twilio"
             started = time.monotonic()
             tasks = [
@@ -295,9 +308,11 @@ async def main(calls: int, turns: int) -> None:
                 await asyncio.sleep(0.5)
             results = [t.result() for t in tasks]
             elapsed = time.monotonic() - started
+            realtime_cores = (cpu_seconds(realtime.pid) - cpu_before[0]) / elapsed
+            harness_cores = (time.process_time() - cpu_before[1]) / elapsed
             async with httpx.AsyncClient() as client:
                 stats = (await client.get(f"http://127.0.0.1:{port}/stats")).json()
-            breakdown = await latency_breakdown(settings)
+            breakdown, platform = await latency_breakdown(settings)
 
         errors = [r.error for r in results if r.error]
         overheads = [o for r in results for o in r.overheads_ms]
@@ -316,6 +331,14 @@ async def main(calls: int, turns: int) -> None:
         print(f"realtime process: {stats}")
         print("server-side medians (ms after the VAD's end of speech):", breakdown)
         print(f"rss: baseline {baseline_rss:.1f} MB, peak {peak_rss:.1f} MB")
+        print(
+            f"cpu: realtime process {realtime_cores:.2f} cores, "
+            f"phones + emulators {harness_cores:.2f} cores (2 on this machine)"
+        )
+        print(
+            f"platform overhead (server-side, provider waits excluded): "
+            f"p50={platform[0]:.1f} p95={platform[1]:.1f} ms"
+        )
         max_gap = max((r.max_gap_ms for r in results), default=0.0)
         rss_per_call = (peak_rss - baseline_rss) / max(calls, 1)
         print(
@@ -338,7 +361,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument(
+        "--token-interval-ms",
+        type=float,
+        default=10.0,
+        help="time between the emulated LLM's tokens (the first sentence waits for them)",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.calls, args.turns))
+    asyncio.run(main(args.calls, args.turns, args.token_interval_ms))
     sys.stdout.flush()
     os._exit(0)  # the Temporal SDK can crash at interpreter exit (sdk-python #300)

@@ -271,18 +271,19 @@ class CallSession:
         started, started_cpu = time.perf_counter(), time.thread_time()
         to_asr = self._to_asr.convert(audio)
         pcm = self._to_vad.convert_to_pcm(audio)
-        if self.recorder is not None:
-            self.recorder.add_caller(self._recording_samples(audio, pcm))
         window_ms = self._vad.window_ms
         for probability in self._vad.process_windows(pcm):
             start = self._vad_ms
             self._vad_ms += window_ms
             if self.tracker.push(probability, start, window_ms):
                 self._on_speech_onset()
+        frame_start_ms = self._audio_ms
         self._audio_ms += 1000.0 * len(pcm) / self._vad.sample_rate
-        self.tracker.push_energy(rms_dbfs(pcm), self._audio_ms)
+        self.tracker.push_energy(rms_dbfs(pcm), frame_start_ms, self._audio_ms)
         self._audio_wall = now
         self.stats.frame_processed(time.thread_time() - started_cpu, time.perf_counter() - started)
+        if self.recorder is not None:
+            self.recorder.add_caller(self._recording_samples(audio, pcm))
         self._follow_turn()
         if self._asr is not None:
             await self._asr.send_audio(to_asr)
@@ -381,7 +382,11 @@ class CallSession:
         speech_end = self.tracker.speech_end_ms
         if speech_end is None:
             return
-        metrics = TurnMetrics(speech_end=self._wall(speech_end), endpoint=self.clock())
+        metrics = TurnMetrics(
+            speech_end=self._wall(speech_end),
+            endpoint=self.clock(),
+            window_s=self.policy.silence_needed_ms(self._caller_text()) / 1000.0,
+        )
         self.tracker.end_speech()
         self.state.to(CallPhase.PROCESSING)
         finals_before = self._finals_seen
@@ -454,6 +459,7 @@ class CallSession:
     async def _llm_text(
         self, metrics: TurnMetrics, temperature: float, max_tokens: int | None
     ) -> AsyncIterator[str]:
+        metrics.llm_request = self.clock()
         try:
             async for event in self.providers.llm.stream(
                 self.conversation.messages(), temperature=temperature, max_tokens=max_tokens
@@ -559,9 +565,12 @@ class CallSession:
         if response is None or response.done():
             return
         response.remove_done_callback(self._task_done)
+        onset_ms = self.tracker.speech_onset_ms
         response.cancel()
         await asyncio.gather(response, return_exceptions=True)
         heard = await self.playout.interrupt()
+        if onset_ms is not None:
+            self.stats.bargein.add(self.clock() - self._wall(onset_ms))
         metrics, self._metrics = self._metrics, None
         if heard:
             self._commit(

@@ -45,6 +45,8 @@ class RealtimeStats:
     #: ...and the wall time, which also counts time the OS gave to other processes.
     frame_wall: FrameTimes = field(default_factory=FrameTimes)
     frames: int = 0
+    #: Caller speech onset (VAD) -> `clear` sent, per barge-in.
+    bargein: FrameTimes = field(default_factory=lambda: FrameTimes(capacity=10_000))
     active_calls: int = 0
     calls_started: int = 0
     max_outbound_gap_ms: float = 0.0
@@ -73,4 +75,5 @@ class RealtimeStats:
             "frames": self.frames,
             **self.frame_cpu.percentiles_ms("frame"),
             **self.frame_wall.percentiles_ms("frame_wall"),
+            **self.bargein.percentiles_ms("bargein"),
         }

@@ -47,11 +47,16 @@ class VoiceTracker:
         self.onset_ms: float | None = None  # start of the current (confirmed or candidate) speech
         self.last_voice_end_ms: float | None = None
         self.last_loud_end_ms: float | None = None
+        self.loud_since_ms: float | None = None  # start of the current stretch of sound
         self.noise_floor_dbfs = -70.0
 
-    def push_energy(self, rms_dbfs: float, end_ms: float) -> None:
+    def push_energy(self, rms_dbfs: float, start_ms: float, end_ms: float) -> None:
         """Account for one short audio frame's loudness (finer-grained than VAD windows)."""
         if rms_dbfs > max(self.noise_floor_dbfs + self.loud_over_floor_db, self.loud_floor_dbfs):
+            if self.loud_since_ms is None or (
+                self.last_loud_end_ms is not None and start_ms - self.last_loud_end_ms > 100.0
+            ):
+                self.loud_since_ms = start_ms
             self.last_loud_end_ms = end_ms
         # The floor follows quiet frames at once and loud ones only slowly.
         if rms_dbfs < self.noise_floor_dbfs:
@@ -94,9 +99,22 @@ class VoiceTracker:
 
     def speech_ms(self, now_ms: float) -> float:
         """How long the current speech has lasted (0 when there is none)."""
-        if self.onset_ms is None:
+        onset = self.speech_onset_ms
+        if onset is None:
             return 0.0
-        return now_ms - self.onset_ms
+        return now_ms - onset
+
+    @property
+    def speech_onset_ms(self) -> float | None:
+        """When the caller's voice started. The model needs a window or two of voice to be
+        sure; the sound itself usually started at the beginning of that stretch."""
+        onset = self.onset_ms
+        loud = self.loud_since_ms
+        if onset is None:
+            return None
+        if loud is not None and onset - 200.0 <= loud < onset:
+            return loud
+        return onset
 
     def end_speech(self) -> None:
         """The turn was taken (endpoint): the next voiced window starts a new onset."""

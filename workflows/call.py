@@ -34,7 +34,7 @@ DB_RETRY = RetryPolicy(
 @workflow.defn(name="CallWorkflow")
 class CallWorkflow:
     def __init__(self) -> None:
-        self._status = CallStatus.QUEUED
+        self._status = CallStatus.RINGING
         self._pending: list[CommittedTurn] = []
         self._committed = 0
         self._answered = False
@@ -70,7 +70,7 @@ class CallWorkflow:
         return self.state()
 
     def _answered_unrecorded(self) -> bool:
-        return self._answered and self._status == CallStatus.QUEUED
+        return self._answered and self._status == CallStatus.RINGING
 
     async def _record_status(
         self, start: CallStart, status: CallStatus, ended_reason: str | None = None

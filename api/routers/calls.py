@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -13,14 +14,16 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.call_start import create_call
 from api.deps import Auth, Context, Session
-from api.errors import COMMON_ERRORS, NOT_FOUND, field_error, not_found
+from api.errors import COMMON_ERRORS, NOT_FOUND, ApiError, field_error, not_found
 from api.pagination import Cursor, Limit, Page, after_cursor, encode_cursor
 from api.routers.agents import load_agent
 from api.schemas import UtcDatetime
 from builder_engine.agent_config import VariableValue
 from builder_engine.apikeys import hash_key
 from builder_engine.db.models import Call, CallTurn
+from builder_engine.timeutil import as_utc
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/calls", tags=["calls"], responses=COMMON_ERRORS)
 
 
@@ -101,10 +104,12 @@ async def list_calls(
     for name, value in filters.items():
         if value is not None:
             query = query.where(getattr(Call, name) == value)
+    # SQLite stores wall-clock UTC and drops a bound value's offset, so a bound like
+    # 10:00+02:00 would be compared as 10:00 UTC; naive input is taken as UTC.
     if created_after is not None:
-        query = query.where(col(Call.created_at) >= created_after)
+        query = query.where(col(Call.created_at) >= as_utc(created_after))
     if created_before is not None:
-        query = query.where(col(Call.created_at) < created_before)
+        query = query.where(col(Call.created_at) < as_utc(created_before))
     query = query.order_by(col(Call.created_at).desc(), col(Call.id).desc()).limit(limit + 1)
     rows = (await session.exec(query)).all()
     next_cursor = None
@@ -135,7 +140,7 @@ class WebCallCreated(BaseModel):
     "/web",
     status_code=201,
     response_model=WebCallCreated,
-    responses=NOT_FOUND,
+    responses={**NOT_FOUND, 503: {"description": "Temporal is unreachable; retry later."}},
     summary="Start a browser call (no phone number) to an agent's published version",
 )
 async def create_web_call(
@@ -145,17 +150,24 @@ async def create_web_call(
     if agent.published_version is None:
         raise field_error("agent_id", "the agent has no published version")
     token = secrets.token_urlsafe(24)
-    temporal = await context.temporal.client()
-    call = await create_call(
-        session,
-        temporal,
-        context.settings.temporal_task_queue,
-        agent=agent,
-        version=agent.published_version,
-        direction="web",
-        transport="web",
-        metadata={"variables": body.variables, "join_token_hash": hash_key(token)},
-    )
+    try:
+        temporal = await context.temporal.client()
+        call = await create_call(
+            session,
+            temporal,
+            context.settings.temporal_task_queue,
+            agent=agent,
+            version=agent.published_version,
+            direction="web",
+            transport="web",
+            metadata={"variables": body.variables, "join_token_hash": hash_key(token)},
+        )
+    except Exception as exc:
+        # Temporal down is an outage the client can retry, not a bug of ours (500).
+        log.exception("could not start a web call for agent %s", agent.id)
+        raise ApiError(
+            503, "Calls cannot be started right now; retry later.", kind="unavailable"
+        ) from exc
     return WebCallCreated(
         call_id=call.id,
         websocket_url=f"{context.settings.effective_realtime_url}/media/web",

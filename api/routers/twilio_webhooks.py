@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/telephony/twilio", tags=["telephony"])
 
 TWIML = "application/xml"
+SORRY = "Sorry, we cannot take your call right now. Please try again later."
 
 #: Twilio's final CallStatus values and the ended reason each means.
 FINAL_STATUSES = {
@@ -108,9 +109,11 @@ async def voice(
             )
         except Exception:
             log.exception("could not start the call workflow for %s", call_sid)
-            return _say_and_hang_up(
-                "Sorry, we cannot take your call right now. Please try again later."
-            )
+            return _say_and_hang_up(SORRY)
+    elif call.status == CallStatus.ENDED:
+        # A retry for a call that already ended (or never got its workflow): the
+        # media server refuses ended calls, so a stream would only be dead air.
+        return _say_and_hang_up(SORRY)
     response = VoiceResponse()
     connect = response.connect()
     stream = connect.stream(url=f"{context.settings.effective_realtime_url}/media/twilio")

@@ -115,7 +115,8 @@ class Call(SQLModel, table=True):
     transport: str = Field(default="twilio", max_length=20)
     from_number: str | None = Field(default=None, max_length=32)
     to_number: str | None = Field(default=None, max_length=32)
-    carrier_call_id: str | None = Field(default=None, max_length=64, index=True)
+    # Unique: a carrier retrying its webhook for the same call must find that call.
+    carrier_call_id: str | None = Field(default=None, max_length=64, index=True, unique=True)
     campaign_id: str | None = Field(default=None, max_length=40, index=True)
     ended_reason: str | None = Field(default=None, max_length=40)
     created_at: datetime = _ts(index=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from builder_engine.calls import EndedReason
-from realtime.calls import CallLoader, CallNotFound, SessionFactory
+from realtime.calls import CallLoader, CallNotFound, LoadedCall, SessionFactory
 from realtime.providers.base import MULAW_8K
 from realtime.session import CallSession
 from realtime.transports import twilio_protocol as tp
@@ -54,18 +54,34 @@ class StreamStats:
 
 
 class TwilioMediaHandler:
-    def __init__(self, loader: CallLoader, sessions: SessionFactory) -> None:
+    def __init__(
+        self,
+        loader: CallLoader,
+        sessions: SessionFactory,
+        *,
+        start_timeout_s: float = START_TIMEOUT_S,
+        media_timeout_s: float = MEDIA_TIMEOUT_S,
+        max_bad_frames: int = MAX_BAD_FRAMES,
+    ) -> None:
         self._loader = loader
         self._sessions = sessions
+        self.start_timeout_s = start_timeout_s
+        self.media_timeout_s = media_timeout_s
+        self.max_bad_frames = max_bad_frames
+        # Calls with a stream in this process: a second stream for one of them would run a
+        # second session writing the same call's record.
+        self._streaming: set[str] = set()
 
     async def handle(self, websocket: WebSocket) -> None:
         await websocket.accept()
         stats = StreamStats()
         try:
-            start = await asyncio.wait_for(self._wait_for_start(websocket, stats), START_TIMEOUT_S)
+            start = await asyncio.wait_for(
+                self._wait_for_start(websocket, stats), self.start_timeout_s
+            )
         except (TimeoutError, WebSocketDisconnect):
             log.warning("twilio stream closed or silent before 'start'")
-            await _close(websocket)
+            await _close(websocket, 1008)
             return
         call_id = start.custom_parameters.get("call_id", "")
         try:
@@ -74,6 +90,19 @@ class TwilioMediaHandler:
             log.warning("twilio stream for unknown call %r (call sid %s)", call_id, start.call_sid)
             await _close(websocket, 1008)
             return
+        if call.call_id in self._streaming:
+            log.warning("a second twilio stream for call %s was refused", call.call_id)
+            await _close(websocket, 1008)
+            return
+        self._streaming.add(call.call_id)
+        try:
+            await self._run_call(websocket, start, call, stats)
+        finally:
+            self._streaming.discard(call.call_id)
+
+    async def _run_call(
+        self, websocket: WebSocket, start: tp.Start, call: LoadedCall, stats: StreamStats
+    ) -> None:
         outbound = TwilioOutbound(websocket, start.stream_sid)
         session = await self._sessions.create(call, outbound, MULAW_8K)
         runner = asyncio.create_task(session.run(), name=f"{call.call_id}:session")
@@ -85,6 +114,11 @@ class TwilioMediaHandler:
         except asyncio.CancelledError:
             if not runner.done():
                 raise
+        except Exception:
+            # A bug while handling one message must still end this call (with a reason),
+            # not leave its session running with nobody feeding it.
+            log.exception("call %s: the media stream failed", call.call_id)
+            session.end(EndedReason.FAILED)
         finally:
             pump.cancel()
             ended = await runner
@@ -100,9 +134,9 @@ class TwilioMediaHandler:
 
     async def _wait_for_start(self, websocket: WebSocket, stats: StreamStats) -> tp.Start:
         while True:
-            text = await websocket.receive_text()
+            text = await _receive(websocket)
             try:
-                event = tp.parse_message(text)
+                event = _parse(text)
             except tp.ProtocolError as exc:
                 stats.bad_frames += 1
                 log.warning("twilio: dropped a bad message before start: %s", exc)
@@ -118,33 +152,38 @@ class TwilioMediaHandler:
         """Feed the session until Twilio stops, the socket drops or media stops coming."""
         try:
             while True:
-                async with asyncio.timeout(MEDIA_TIMEOUT_S):
-                    text = await websocket.receive_text()
+                async with asyncio.timeout(self.media_timeout_s):
+                    text = await _receive(websocket)
                 reason = await self._dispatch(text, stream_sid, session, stats)
                 if reason is not None:
                     return reason
         except TimeoutError:
-            log.warning("call %s: no media for %.0f s", session.setup.call_id, MEDIA_TIMEOUT_S)
+            log.warning(
+                "call %s: no message for %.1f s, the stream is lost",
+                session.setup.call_id,
+                self.media_timeout_s,
+            )
             return EndedReason.LOST
         except (WebSocketDisconnect, RuntimeError):
             return EndedReason.CALLER_HANGUP
 
     async def _dispatch(
-        self, text: str, stream_sid: str, session: CallSession, stats: StreamStats
+        self, text: str | bytes, stream_sid: str, session: CallSession, stats: StreamStats
     ) -> str | None:
+        call_id = session.setup.call_id
         try:
-            event = tp.parse_message(text)
+            event = _parse(text)
+            if not isinstance(event, tp.Connected | tp.Unknown) and event.stream_sid != stream_sid:
+                # Not ours: above all, a `stop` for another stream must not end this call.
+                raise tp.ProtocolError(f"{type(event).__name__.lower()} for another stream sid")
         except tp.ProtocolError as exc:
             stats.bad_frames += 1
-            log.warning("call %s: dropped a bad message: %s", session.setup.call_id, exc)
-            if stats.bad_frames > MAX_BAD_FRAMES:
+            log.warning("call %s: dropped a bad message: %s", call_id, exc)
+            if stats.bad_frames > self.max_bad_frames:
+                log.warning("call %s: more than %d bad messages", call_id, self.max_bad_frames)
                 return EndedReason.MEDIA_ERROR
             return None
         if isinstance(event, tp.Media):
-            if event.stream_sid != stream_sid:
-                stats.bad_frames += 1
-                log.warning("call %s: media for another stream sid", session.setup.call_id)
-                return None
             stats.frames += 1
             await session.on_audio(event.payload)
         elif isinstance(event, tp.Mark):
@@ -155,7 +194,25 @@ class TwilioMediaHandler:
             return EndedReason.CALLER_HANGUP
         else:
             stats.ignored += 1
+            if isinstance(event, tp.Unknown):
+                log.info("call %s: ignored an unknown event %r", call_id, event.event)
         return None
+
+
+async def _receive(websocket: WebSocket) -> str | bytes:
+    """The next message. Unlike ``receive_text``, which raises KeyError on a binary
+    message and so takes the whole stream down, this hands binary ones on to be dropped."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    text = message.get("text")
+    return text if text is not None else bytes(message.get("bytes") or b"")
+
+
+def _parse(message: str | bytes) -> tp.TwilioEvent:
+    if isinstance(message, bytes):
+        raise tp.ProtocolError(f"binary message of {len(message)} bytes (Twilio sends text)")
+    return tp.parse_message(message)
 
 
 async def _close(websocket: WebSocket, code: int = 1000) -> None:
