@@ -14,6 +14,11 @@ PREFIXES = {
     "call_turn": "turn",
     "tool": "tool",
     "webhook_endpoint": "whe",
+    "webhook_delivery": "whd",
+    "call_event": "evt",
+    "tool_execution": "txe",
+    "calendar": "cal",
+    "appointment": "apt",
 }
 
 

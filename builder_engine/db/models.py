@@ -39,6 +39,9 @@ def _org_fk() -> Any:
 class Organization(SQLModel, table=True):
     id: str = Field(default_factory=lambda: new_id("organization"), primary_key=True, max_length=40)
     name: str = Field(max_length=200, sa_column_kwargs={"unique": True})
+    # Private, loopback or link-local hosts/networks its tools and webhooks may call
+    # (everything else private is refused: SSRF). Entries: "10.0.0.5", "10.1.0.0/16", "host".
+    outbound_allowlist: list[str] = Field(default_factory=list, sa_type=JSONType)
     created_at: datetime = _ts()
 
 
@@ -124,6 +127,9 @@ class Call(SQLModel, table=True):
     answered_at: datetime | None = _optional_ts()
     ended_at: datetime | None = _optional_ts()
     call_metadata: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    recording_url: str | None = Field(default=None, max_length=2048)
+    # Post-call analysis: summary, structured_data, success_evaluation, or skipped + why.
+    analysis: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
 
 
 class CallTurn(SQLModel, table=True):
@@ -178,3 +184,95 @@ class WebhookEndpoint(SQLModel, table=True):
     active: bool = Field(default=True)
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
+
+
+class CallEvent(SQLModel, table=True):
+    """Something that happened on a call besides speech: a tool call, a transfer, a
+    webhook delivery. Read through `GET /v1/calls/{id}/events`."""
+
+    __tablename__ = "call_event"
+
+    id: str = Field(default_factory=lambda: new_id("call_event"), primary_key=True, max_length=40)
+    organization_id: str = _org_fk()
+    call_id: str = Field(foreign_key="call.id", index=True, max_length=40)
+    kind: str = Field(max_length=40)
+    data: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    created_at: datetime = _ts(index=True)
+
+
+class ToolExecution(SQLModel, table=True):
+    """One tool call of one call, recorded so a retried activity returns the first result."""
+
+    __tablename__ = "tool_execution"
+    __table_args__ = (
+        sa.UniqueConstraint("call_id", "tool_call_id", name="uq_tool_execution_call_tool_call"),
+    )
+
+    id: str = Field(
+        default_factory=lambda: new_id("tool_execution"), primary_key=True, max_length=40
+    )
+    organization_id: str = _org_fk()
+    call_id: str = Field(foreign_key="call.id", index=True, max_length=40)
+    tool_call_id: str = Field(max_length=100)
+    tool_name: str = Field(max_length=64)
+    arguments: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    status: str = Field(default="running", max_length=20)
+    result: dict[str, Any] | None = Field(default=None, sa_type=JSONType)
+    created_at: datetime = _ts()
+    completed_at: datetime | None = _optional_ts()
+
+
+class Calendar(SQLModel, table=True):
+    """Bookable time for the `book_appointment` / `check_availability` tools."""
+
+    id: str = Field(default_factory=lambda: new_id("calendar"), primary_key=True, max_length=40)
+    organization_id: str = _org_fk()
+    name: str = Field(max_length=200)
+    timezone: str = Field(default="UTC", max_length=64)
+    slot_minutes: int = Field(default=30)
+    # Weekly opening hours: {"mon": [["09:00", "17:00"]], ...} in the calendar's timezone.
+    availability: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class Appointment(SQLModel, table=True):
+    __table_args__ = (
+        # One booking per slot: the database, not the application, prevents double booking.
+        sa.UniqueConstraint("calendar_id", "starts_at", name="uq_appointment_slot"),
+        sa.UniqueConstraint("idempotency_key", name="uq_appointment_idempotency_key"),
+    )
+
+    id: str = Field(default_factory=lambda: new_id("appointment"), primary_key=True, max_length=40)
+    organization_id: str = _org_fk()
+    calendar_id: str = Field(foreign_key="calendar.id", index=True, max_length=40)
+    starts_at: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    ends_at: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    call_id: str | None = Field(default=None, foreign_key="call.id", max_length=40)
+    idempotency_key: str | None = Field(default=None, max_length=200)
+    attendee_name: str | None = Field(default=None, max_length=200)
+    attendee_phone: str | None = Field(default=None, max_length=32)
+    notes: str | None = Field(default=None)
+    status: str = Field(default="booked", max_length=20)
+    created_at: datetime = _ts()
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event sent to one endpoint, with every attempt."""
+
+    __tablename__ = "webhook_delivery"
+
+    id: str = Field(
+        default_factory=lambda: new_id("webhook_delivery"), primary_key=True, max_length=40
+    )
+    organization_id: str = _org_fk()
+    endpoint_id: str = Field(foreign_key="webhook_endpoint.id", index=True, max_length=40)
+    event_id: str = Field(max_length=40, index=True)
+    event_type: str = Field(max_length=40)
+    call_id: str | None = Field(default=None, max_length=40, index=True)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    status: str = Field(default="pending", max_length=20)  # pending | delivered | failed
+    attempts: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSONType)
+    next_attempt_at: datetime | None = _optional_ts()
+    created_at: datetime = _ts(index=True)
+    delivered_at: datetime | None = _optional_ts()
