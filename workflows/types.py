@@ -60,3 +60,14 @@ class CallState:
     status: str
     turns_committed: int
     ended_reason: str | None
+
+
+@dataclass(frozen=True)
+class PostCallInput:
+    """What the PostCallWorkflow (a child of CallWorkflow) needs to finish a call's paperwork."""
+
+    call_id: str
+    organization_id: str
+    agent_id: str
+    agent_version: int
+    ended_reason: str
