@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,14 +95,18 @@ async def run_call(
     long_question: npt.NDArray[np.int16],
     barge_in: npt.NDArray[np.int16],
     delay: float,
+    soak_until: float | None = None,
 ) -> CallResult:
     result = CallResult()
     await asyncio.sleep(delay)
+    loop = asyncio.get_running_loop()
     try:
-        async with TwilioPhone(url, parameters={"call_id": call_id}) as phone:
+        async with TwilioPhone(url, parameters={"call_id": call_id}, history=2000) as phone:
             await phone.wait_for_media_after(0, within=20)
             await phone.wait_until_quiet(0.4, within=20)
-            for _ in range(turns):
+            done = 0
+            while done < turns or (soak_until is not None and loop.time() < soak_until):
+                done += 1
                 utterance = phone.say(question)
                 await utterance.done.wait()
                 assert utterance.ended_at is not None
@@ -109,6 +114,8 @@ async def run_call(
                 result.overheads_ms.append((first - utterance.ended_at) * 1000.0 - PROVIDERS_MS)
                 await phone.wait_until_quiet(0.4, within=20)
                 result.max_gap_ms = max(result.max_gap_ms, answer_gap_ms(phone, first))
+            if soak_until is not None:
+                return result
             utterance = phone.say(long_question)
             await utterance.done.wait()
             assert utterance.ended_at is not None
@@ -187,7 +194,7 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def main(calls: int, turns: int, token_interval_ms: float) -> None:
+async def main(calls: int, turns: int, token_interval_ms: float, soak_s: float) -> None:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
         dev_server_log_level="error",
@@ -195,7 +202,12 @@ async def main(calls: int, turns: int, token_interval_ms: float) -> None:
     processes: list[subprocess.Popen[bytes]] = []
     try:
         await ensure_search_attributes(env.client, env.client.namespace)
-        script = [QUESTION] * turns + [LONG_QUESTION, BARGE_IN]
+        script: list[str] | Callable[[int, int], str] = [QUESTION] * turns + [
+            LONG_QUESTION,
+            BARGE_IN,
+        ]
+        if soak_s:
+            script = lambda _connection, _utterance: QUESTION  # noqa: E731
         async with (
             DeepgramEmulator(script=script, final_latency_ms=ASR_MS) as dg,
             OpenAIEmulator(
@@ -288,6 +300,7 @@ async def main(calls: int, turns: int, token_interval_ms: float) -> None:
             cpu_before = cpu_seconds(realtime.pid), time.process_time()
             url = f"ws://127.0.0.1:{port}/media/twilio"
             started = time.monotonic()
+            soak_until = asyncio.get_running_loop().time() + soak_s if soak_s else None
             tasks = [
                 asyncio.create_task(
                     run_call(
@@ -298,13 +311,17 @@ async def main(calls: int, turns: int, token_interval_ms: float) -> None:
                         long_question,
                         barge_in,
                         delay=2.0 * i / calls,
+                        soak_until=soak_until,
                     )
                 )
                 for i, call_id in enumerate(call_ids)
             ]
             peak_rss = baseline_rss
+            samples: list[tuple[float, float]] = []
             while not all(t.done() for t in tasks):
-                peak_rss = max(peak_rss, rss_mb(realtime.pid))
+                rss = rss_mb(realtime.pid)
+                peak_rss = max(peak_rss, rss)
+                samples.append((time.monotonic() - started, rss))
                 await asyncio.sleep(0.5)
             results = [t.result() for t in tasks]
             elapsed = time.monotonic() - started
@@ -331,6 +348,17 @@ async def main(calls: int, turns: int, token_interval_ms: float) -> None:
         print(f"realtime process: {stats}")
         print("server-side medians (ms after the VAD's end of speech):", breakdown)
         print(f"rss: baseline {baseline_rss:.1f} MB, peak {peak_rss:.1f} MB")
+        if soak_s:
+            second_half = [(t, r) for t, r in samples if t > elapsed / 2]
+            slope = float("nan")
+            if len(second_half) > 2:
+                times = np.array([t for t, _ in second_half])
+                rss_values = np.array([r for _, r in second_half])
+                slope = float(np.polyfit(times, rss_values, 1)[0]) * 60.0
+            print(
+                f"soak: {soak_s:.0f} s, rss over the second half grows {slope:.2f} MB/min "
+                f"({second_half[0][1]:.1f} -> {second_half[-1][1]:.1f} MB)"
+            )
         print(
             f"cpu: realtime process {realtime_cores:.2f} cores, "
             f"phones + emulators {harness_cores:.2f} cores (2 on this machine)"
@@ -367,7 +395,13 @@ if __name__ == "__main__":
         default=10.0,
         help="time between the emulated LLM's tokens (the first sentence waits for them)",
     )
+    parser.add_argument(
+        "--soak-s",
+        type=float,
+        default=0.0,
+        help="keep every call asking questions for this long (memory soak); no barge-in",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.calls, args.turns, args.token_interval_ms))
+    asyncio.run(main(args.calls, args.turns, args.token_interval_ms, args.soak_s))
     sys.stdout.flush()
     os._exit(0)  # the Temporal SDK can crash at interpreter exit (sdk-python #300)

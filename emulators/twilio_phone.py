@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import secrets
@@ -57,12 +58,14 @@ class TwilioPhone:
         parameters: dict[str, str],
         call_sid: str | None = None,
         stream_sid: str | None = None,
+        history: int | None = None,
     ) -> None:
         self.url = url
         self.parameters = parameters
         self.call_sid = call_sid or "CA" + secrets.token_hex(16)
         self.stream_sid = stream_sid or "MZ" + secrets.token_hex(16)
-        self.received: list[Received] = []
+        # ``history`` bounds what is kept (long soaks); None keeps everything.
+        self.received: collections.deque[Received] = collections.deque(maxlen=history)
         self.marks_echoed: list[str] = []
         self.closed = asyncio.Event()
         self._ws: ClientConnection | None = None
