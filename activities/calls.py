@@ -20,6 +20,11 @@ class CallActivities:
     def __init__(self, engine: AsyncEngine) -> None:
         self._sessions: async_sessionmaker[AsyncSession] = session_factory(engine)
 
+    @property
+    def sessions(self) -> async_sessionmaker[AsyncSession]:
+        """The session factory (shared with the tool activities of the same worker)."""
+        return self._sessions
+
     async def _load_call(self, session: AsyncSession, call_id: str, organization_id: str) -> Call:
         call = (
             await session.exec(

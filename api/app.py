@@ -14,11 +14,13 @@ from api.ratelimit import InProcessRateLimiter, Rate, RateLimiter, RedisRateLimi
 from api.routers import (
     agents,
     api_keys,
+    calendars,
     calls,
     health,
     phone_numbers,
     tools,
     twilio_webhooks,
+    webhooks,
 )
 from builder_engine import __version__
 from builder_engine.config import Settings
@@ -71,4 +73,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for module in (health, agents, phone_numbers, tools, api_keys, calls, twilio_webhooks):
         app.include_router(module.router)
+    app.include_router(calendars.router)
+    app.include_router(webhooks.router)
     return app

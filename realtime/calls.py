@@ -14,6 +14,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from builder_engine.agent_config import AgentConfig, VariableValue
 from builder_engine.calls import CallStatus
 from builder_engine.db.models import AgentVersion, Call
+from builder_engine.tools import ToolDef, load_agent_tools
 from realtime.lifecycle import CallLifecycle
 from realtime.media.vad import SileroModel, SileroVad
 from realtime.playout import OutboundMedia
@@ -34,6 +35,7 @@ class LoadedCall:
     config: AgentConfig
     variables: dict[str, VariableValue] = field(default_factory=dict)
     join_token_hash: str | None = None  # web calls: the hash of the token that may join
+    tools: tuple[ToolDef, ...] = ()  # the agent's tools (organization-scoped, live ones)
 
 
 class CallLoader:
@@ -61,12 +63,18 @@ class CallLoader:
         if call.status == CallStatus.ENDED:
             raise CallNotFound(f"{call_id} has ended")
         variables = call.call_metadata.get("variables") or {}
+        config = AgentConfig.model_validate(version.config)
+        tools: list[ToolDef] = []
+        if config.tools:
+            async with self._sessions() as session:
+                tools = await load_agent_tools(session, call.organization_id, config.tools)
         return LoadedCall(
             call_id=call.id,
             organization_id=call.organization_id,
-            config=AgentConfig.model_validate(version.config),
+            config=config,
             variables=dict(variables),
             join_token_hash=call.call_metadata.get("join_token_hash"),
+            tools=tuple(tools),
         )
 
 
@@ -101,7 +109,7 @@ class SessionFactory:
             )
         vad_rate = 8000 if media_format.sample_rate == 8000 else 16000
         return CallSession(
-            CallSetup(call.call_id, call.config, media_format, call.variables),
+            CallSetup(call.call_id, call.config, media_format, call.variables, tools=call.tools),
             self._providers.build(call.config, media_format),
             outbound,
             self._lifecycle(call.call_id),

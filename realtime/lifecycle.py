@@ -1,18 +1,23 @@
 """Telling the call's durable workflow what happened, without ever blocking the audio loop.
 
 Signals are queued and sent by one background task per call; turns are sent in
-batches. The session only calls the non-blocking methods.
+batches. The session only calls the non-blocking methods - except ``run_tools``, the
+one place the conversation itself waits on the workflow (for tool results), which the
+session awaits inside its answer task, never in the audio path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.service import RPCError, RPCStatusCode
 
+from workflows.tools import ToolBatch, ToolBatchResult
 from workflows.types import CommittedTurn
 
 log = logging.getLogger(__name__)
@@ -25,8 +30,23 @@ class CallLifecycle(Protocol):
 
     def ended(self, reason: str) -> None: ...
 
+    async def run_tools(self, batch: ToolBatch, *, timeout_s: float) -> ToolBatchResult:
+        """Have the workflow run the tool calls; their results (raises ``TimeoutError``)."""
+        ...
+
     async def aclose(self) -> None:
         """Deliver everything queued (the end included), then stop."""
+
+
+_TRANSIENT = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.ABORTED,
+        RPCStatusCode.INTERNAL,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,32 @@ class TemporalCallLifecycle:
 
     def ended(self, reason: str) -> None:
         self._queue.put_nowait(_Signal("ended", reason))
+
+    async def run_tools(self, batch: ToolBatch, *, timeout_s: float) -> ToolBatchResult:
+        """The ``run_tools`` Update, asked again with the same update id until it answers:
+        Temporal runs an update id once per workflow, so asking again (a lost connection,
+        a restarting worker) never runs the tools twice."""
+        ids = ",".join(call.id for call in batch.calls)
+        update_id = "tools-" + hashlib.sha256(ids.encode()).hexdigest()[:24]
+
+        async def ask() -> ToolBatchResult:
+            attempt = 0
+            while True:
+                try:
+                    result: ToolBatchResult = await self._handle.execute_update(
+                        "run_tools", batch, id=update_id, result_type=ToolBatchResult
+                    )
+                    return result
+                except WorkflowUpdateRPCTimeoutOrCancelledError:
+                    pass  # the long poll ran out; the update goes on
+                except RPCError as exc:
+                    if exc.status not in _TRANSIENT:
+                        raise
+                    log.warning("run_tools on %s: %s; asking again", self._handle.id, exc)
+                attempt += 1
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+
+        return await asyncio.wait_for(ask(), timeout_s)
 
     async def aclose(self) -> None:
         self._queue.put_nowait(None)

@@ -184,8 +184,13 @@ class Playout:
             if segment.first_sent_at is None or segment.sent_bytes == 0:
                 break
             started = max(segment.first_sent_at, previous_played_at or segment.first_sent_at)
-            duration = segment.sent_bytes / self._bytes_per_s
-            fraction = (at - started) / duration if duration > 0 else 0.0
+            # The words are spread over all of the segment's audio, not just the part sent
+            # so far (measured against that, most of a sentence counted as heard a moment
+            # after it began); and audio not yet sent cannot have been heard.
+            sent_s = segment.sent_bytes / self._bytes_per_s
+            total_s = max(segment.queued_bytes / self._bytes_per_s, sent_s)
+            played_s = min(at - started, sent_s)
+            fraction = played_s / total_s if total_s > 0 else 0.0
             partial = cut_at_fraction(segment.text, fraction)
             if partial:
                 parts.append(partial)

@@ -21,6 +21,7 @@ import numpy.typing as npt
 from builder_engine.agent_config import AgentConfig, VariableValue, render_template
 from builder_engine.calls import EndedReason, Speaker
 from builder_engine.timeutil import utcnow
+from builder_engine.tools import ToolDef
 from realtime.conversation import Conversation
 from realtime.lifecycle import CallLifecycle
 from realtime.media.convert import AudioConverter, decode
@@ -34,6 +35,7 @@ from realtime.providers.base import (
     LlmProvider,
     ProviderError,
     TextDelta,
+    ToolCall,
     ToolCallsRequested,
     TranscriptEvent,
     TtsProvider,
@@ -42,6 +44,19 @@ from realtime.recorder import StereoRecorder
 from realtime.sentences import SentenceChunker
 from realtime.state import CallPhase, CallStateMachine
 from realtime.stats import RealtimeStats
+from realtime.tools import (
+    FILLER_REPEAT_S,
+    FLUSH,
+    MAX_TOOL_ROUNDS,
+    STILL_WORKING,
+    TOOL_LIMIT_REPLY,
+    Pause,
+    Reply,
+    SpeechItem,
+    Tones,
+    ToolDesk,
+    dtmf_audio,
+)
 from realtime.turns import TurnPolicy, VoiceTracker
 from workflows.types import CommittedTurn
 
@@ -64,6 +79,7 @@ class CallSetup:
     media_format: AudioFormat
     variables: dict[str, VariableValue] = field(default_factory=dict)
     lead_ms: float = 60.0
+    tools: tuple[ToolDef, ...] = ()  # the agent's tools, offered to the model
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,8 @@ class CallSession:
         variables = {**setup.config.variables, **setup.variables}
         self.variables = variables
         self.conversation = Conversation(self.config.system_prompt(setup.variables))
+        self.tools = ToolDesk(setup.call_id, setup.tools, lifecycle, self.conversation)
+        self._reply: Reply | None = None  # the answer in progress, across its tool rounds
         fmt = setup.media_format
         frame_bytes = fmt.bytes_per_second // 50  # 20 ms
         self.playout = Playout(
@@ -216,18 +234,22 @@ class CallSession:
         if self._response is not None and not self._response.done():
             # The call ended mid-answer: the history keeps what the caller heard of it.
             heard = self.playout.heard_text(self.clock())
-            if heard:
+            reply = self._reply
+            if heard or (reply is not None and reply.tool_calls):
                 metrics = self._metrics
                 self._commit(
                     Speaker.AGENT,
                     heard,
                     interrupted=True,
                     latency=metrics.as_latency_ms() if metrics else {},
+                    tool_calls=reply.transcript_calls() if reply else None,
                 )
         tasks = [t for t in (self._response, *self._tasks) if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Tools still running finish in the workflow (which records them); stop waiting.
+        await self.tools.aclose()
         if self._asr is not None:
             try:
                 await asyncio.wait_for(self._asr.close(), 2.0)
@@ -254,6 +276,12 @@ class CallSession:
         exc = task.exception()
         if exc is not None:
             log.error("call %s: task %s failed: %r", self.setup.call_id, task.get_name(), exc)
+            if isinstance(exc, ProviderError) and not (self._finishing or self._ended.is_set()):
+                # A provider failed outside the LLM's own apology path (the recognizer's
+                # stream, a synthesis): never hang up on dead air, apologize first. Should
+                # the apology fail as well, _finishing makes the next failure end the call.
+                self._spawn(self._close_with(EndedReason.PROVIDER_ERROR, APOLOGY), "apology")
+                return
             self.end(
                 EndedReason.PROVIDER_ERROR if isinstance(exc, ProviderError) else EndedReason.FAILED
             )
@@ -321,9 +349,7 @@ class CallSession:
         if self.state.phase in (CallPhase.SPEAKING, CallPhase.PROCESSING):
             await self._interrupt()
         self.state.to(CallPhase.PROCESSING)
-        text = f"(The caller pressed the keys: {digits})"
-        self._commit(Speaker.CALLER, text)
-        self.conversation.add_user(text)
+        self._caller_said(f"(The caller pressed the keys: {digits})")
         metrics = TurnMetrics(speech_end=self.clock(), endpoint=self.clock())
         self._start_response(self._answer_with_llm(metrics))
 
@@ -342,10 +368,19 @@ class CallSession:
         phase = self.state.phase
         if not self.tracker.in_speech or self._finishing:
             return
-        speech_ms = self.tracker.speech_ms(self._vad_ms)
+        # Voiced time, not time since the onset: a short sound followed by silence must
+        # not become "long enough" just by waiting.
+        speech_ms = self.tracker.voiced_ms()
         if phase == CallPhase.SPEAKING or (phase == CallPhase.PROCESSING and self.playout.playing):
             if self.policy.is_interruption(speech_ms, self._caller_text()):
                 self._spawn(self._interrupt(), "interrupt")
+            elif self._over_agent_ended():
+                # A backchannel or a noise over the agent, over now and no interruption:
+                # forget it, so it neither adds to the length and words of the caller's
+                # next sound nor becomes a turn of its own when the agent stops.
+                self.tracker.end_speech()
+                self._final_parts = []
+                self._interim = ""
             return
         if phase == CallPhase.PROCESSING and self._response is not None:
             # The caller only paused: they go on before the answer has started playing.
@@ -367,6 +402,14 @@ class CallSession:
         loop = asyncio.get_running_loop()
         delay = max(0.0, deadline - self.clock())
         self._endpoint_timer = loop.call_later(delay, self._on_endpoint)
+
+    def _over_agent_ended(self) -> bool:
+        """The caller's sound over the agent has paused as long as an endpoint needs, and
+        the recognizer has finalized its words (or had time enough to)."""
+        pause_ms = self.tracker.pause_ms(self._vad_ms)
+        if pause_ms < self.policy.endpointing_ms:
+            return False
+        return not self._interim or pause_ms >= self.policy.endpointing_ms + TRANSCRIPT_WAIT_S * 1e3
 
     def _disarm_endpoint(self) -> None:
         if self._endpoint_timer is not None:
@@ -445,39 +488,100 @@ class CallSession:
             self._arm_silence_timer()
             return
         if text:
-            self._commit(Speaker.CALLER, text)
-            self.conversation.add_user(text)
+            self._caller_said(text)
         self._unanswered = False
         await self._answer_with_llm(metrics)
 
+    def _caller_said(self, text: str) -> None:
+        self._commit(Speaker.CALLER, text)
+        self.conversation.add_user(text)
+        # The caller is there: the next silence gets its "are you still there?" again.
+        self._reprompted = False
+
     async def _answer_with_llm(self, metrics: TurnMetrics) -> None:
         self._metrics = metrics
+        self._reply = Reply()
         brain = self.config.brain
         deltas = self._llm_text(metrics, brain.temperature, brain.max_tokens)
         await self._speak(deltas, metrics)
 
     async def _llm_text(
         self, metrics: TurnMetrics, temperature: float, max_tokens: int | None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[SpeechItem]:
+        """The model's words; tool calls run in between (rounds) until it answers in text."""
         metrics.llm_request = self.clock()
+        reply = self._reply or Reply()
+        specs = self.tools.specs
         try:
-            async for event in self.providers.llm.stream(
-                self.conversation.messages(), temperature=temperature, max_tokens=max_tokens
-            ):
-                if isinstance(event, TextDelta):
-                    if metrics.llm_first_token is None:
-                        metrics.llm_first_token = self.clock()
-                    yield event.text
-                elif isinstance(event, ToolCallsRequested):
-                    # Tools run through the call's workflow (next issue); none are offered yet.
-                    log.warning(
-                        "call %s: model asked for tools that are not offered", self.setup.call_id
-                    )
+            for round_number in range(MAX_TOOL_ROUNDS + 1):
+                calls: tuple[ToolCall, ...] = ()
+                separator = " " if round_number else ""
+                async for event in self.providers.llm.stream(
+                    self.conversation.messages(specs),
+                    tools=specs,
+                    temperature=temperature,
+                    max_tokens=max_tokens,
+                ):
+                    if isinstance(event, TextDelta):
+                        if metrics.llm_first_token is None:
+                            metrics.llm_first_token = self.clock()
+                        reply.round_text.append(event.text)
+                        yield separator + event.text
+                        separator = ""
+                    elif isinstance(event, ToolCallsRequested):
+                        calls = event.calls
+                if not calls:
+                    return
+                if round_number == MAX_TOOL_ROUNDS:
+                    log.warning("call %s: too many tool rounds in one answer", self.setup.call_id)
+                    self.tools.refuse(calls, reply.take_round_text(), "Too many tool calls.")
+                    reply.skip_words(TOOL_LIMIT_REPLY)
+                    yield " " + TOOL_LIMIT_REPLY
+                    return
+                async for item in self._run_tool_round(reply, calls):
+                    yield item
         except ProviderError as exc:
             log.error("call %s: language model failed: %s", self.setup.call_id, exc)
             yield (" " if metrics.llm_first_token else "") + APOLOGY
             self._finishing = True
             self.ended_reason = self.ended_reason or EndedReason.PROVIDER_ERROR
+
+    async def _run_tool_round(
+        self, reply: Reply, calls: tuple[ToolCall, ...]
+    ) -> AsyncIterator[SpeechItem]:
+        """Have the workflow run the model's tool calls. What the model said before them is
+        spoken meanwhile, then a filler line if they take long; their results go into the
+        conversation (also when a barge-in cancels this answer), then their actions."""
+        text = reply.take_round_text()
+        reply.skip_words(text)
+        round_ = self.tools.start(calls, text)
+        reply.tool_calls.extend(round_.entries)
+        yield FLUSH
+        filler_at = self.clock() + round_.filler_after_s
+        fillers = 0
+        while not round_.task.done():
+            wait = filler_at - self.clock()
+            if wait > 0:
+                await asyncio.wait({round_.task}, timeout=wait)
+                continue
+            if self.playout.playing:
+                filler_at = self.clock() + 0.2  # no filler over words still playing
+                continue
+            line = round_.filler if fillers == 0 else STILL_WORKING
+            fillers += 1
+            reply.skip_words(line)  # spoken, but not part of the model's history
+            yield " " + line
+            yield FLUSH
+            filler_at = self.clock() + FILLER_REPEAT_S
+        for outcome in round_.task.result():
+            if outcome.action == "end_call":
+                # The model says its goodbye (the next round), then the call ends.
+                self._finishing = True
+                self.ended_reason = self.ended_reason or EndedReason.AGENT_HANGUP
+            elif outcome.action == "hold" and outcome.hold_s:
+                yield Pause(outcome.hold_s)
+            elif outcome.action == "send_dtmf" and outcome.digits:
+                yield Tones(dtmf_audio(outcome.digits, self.setup.media_format), outcome.digits)
 
     async def _say(self, text: str, metrics: TurnMetrics) -> None:
         async def fixed() -> AsyncIterator[str]:
@@ -486,14 +590,22 @@ class CallSession:
         self._metrics = metrics
         await self._speak(fixed(), metrics)
 
-    async def _speak(self, deltas: AsyncIterator[str], metrics: TurnMetrics) -> None:
+    async def _speak(self, deltas: AsyncIterator[SpeechItem], metrics: TurnMetrics) -> None:
         """Stream text through TTS sentence by sentence, then wait until it has been heard."""
-        sentences: asyncio.Queue[str | None] = asyncio.Queue()
+        sentences: asyncio.Queue[str | Tones | Pause | None] = asyncio.Queue()
         synthesis = asyncio.create_task(self._synthesize(sentences, metrics))
         spoken: list[str] = []
         chunker = SentenceChunker()
         try:
             async for delta in deltas:
+                if not isinstance(delta, str):
+                    # Flush (a tool starts), tones or a hold: what is pending is said first.
+                    rest = chunker.flush()
+                    if rest:
+                        sentences.put_nowait(rest)
+                    if isinstance(delta, Tones | Pause):
+                        sentences.put_nowait(delta)
+                    continue
                 spoken.append(delta)
                 for sentence in chunker.push(delta):
                     sentences.put_nowait(sentence)
@@ -508,8 +620,15 @@ class CallSession:
                 synthesis.cancel()
                 await asyncio.gather(synthesis, return_exceptions=True)
         answer = "".join(spoken).strip()
-        self._commit(Speaker.AGENT, answer, latency=metrics.as_latency_ms())
-        self.conversation.add_assistant(answer)
+        reply, self._reply = self._reply, None
+        self._commit(
+            Speaker.AGENT,
+            answer,
+            latency=metrics.as_latency_ms(),
+            tool_calls=reply.transcript_calls() if reply else None,
+        )
+        # With tools, the words before each round are in the conversation already.
+        self.conversation.add_assistant(reply.take_round_text() if reply else answer)
         self.playout.forget_played()
         self._metrics = None
         self._response = None
@@ -522,8 +641,20 @@ class CallSession:
         self.state.to(CallPhase.LISTENING)
         self._arm_silence_timer()
 
-    async def _synthesize(self, sentences: asyncio.Queue[str | None], metrics: TurnMetrics) -> None:
+    async def _synthesize(
+        self, sentences: asyncio.Queue[str | Tones | Pause | None], metrics: TurnMetrics
+    ) -> None:
         while (sentence := await sentences.get()) is not None:
+            if isinstance(sentence, Pause):
+                # On hold: silence after what was said; a caller who speaks ends it.
+                await self.playout.wait_played()
+                await asyncio.sleep(sentence.seconds)
+                continue
+            if isinstance(sentence, Tones):
+                tones = self.playout.start_segment("")
+                self.playout.add_audio(tones, sentence.audio)
+                self.playout.end_segment(tones)
+                continue
             if metrics.first_sentence is None:
                 metrics.first_sentence = self.clock()
             segment: SpokenSegment = self.playout.start_segment(sentence)
@@ -555,6 +686,10 @@ class CallSession:
         response.cancel()
         await asyncio.gather(response, return_exceptions=True)
         self._metrics = None
+        reply, self._reply = self._reply, None
+        if reply is not None and reply.tool_calls:
+            # Tools ran for the dropped answer: the transcript keeps them.
+            self._commit(Speaker.AGENT, "", interrupted=True, tool_calls=reply.transcript_calls())
         self._unanswered = True
         self.state.to(CallPhase.LISTENING)
         self._follow_turn()
@@ -572,14 +707,18 @@ class CallSession:
         if onset_ms is not None:
             self.stats.bargein.add(self.clock() - self._wall(onset_ms))
         metrics, self._metrics = self._metrics, None
-        if heard:
+        reply, self._reply = self._reply, None
+        if heard or (reply is not None and reply.tool_calls):
             self._commit(
                 Speaker.AGENT,
                 heard,
                 interrupted=True,
                 latency=metrics.as_latency_ms() if metrics else {},
+                tool_calls=reply.transcript_calls() if reply else None,
             )
-            self.conversation.add_assistant(heard, interrupted=True)
+            # Running tools go on; their results reach the conversation when they arrive.
+            new_words = reply.unrecorded(heard) if reply else heard
+            self.conversation.add_assistant(new_words, interrupted=True)
         self.state.to(CallPhase.LISTENING)
         self._follow_turn()
 
@@ -608,14 +747,15 @@ class CallSession:
 
     def _on_max_duration(self) -> None:
         self._max_timer = None
-        self._spawn(self._close_for_time(), "max-duration")
+        self._spawn(self._close_with(EndedReason.MAX_DURATION, TIME_LIMIT_GOODBYE), "max-duration")
 
-    async def _close_for_time(self) -> None:
+    async def _close_with(self, reason: str, goodbye: str) -> None:
+        """Stop what is being said now, say ``goodbye``, then end with ``reason``."""
         if self.state.phase in (CallPhase.SPEAKING, CallPhase.PROCESSING):
             await self._interrupt()
         if self.state.phase == CallPhase.LISTENING:
             self.state.to(CallPhase.PROCESSING)
-        self._finish(EndedReason.MAX_DURATION, TIME_LIMIT_GOODBYE)
+        self._finish(reason, goodbye)
 
     def _finish(self, reason: str, goodbye: str) -> None:
         """Say goodbye, wait for it to play (bounded), then end with ``reason``."""
@@ -640,6 +780,7 @@ class CallSession:
         *,
         interrupted: bool = False,
         latency: dict[str, float] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> None:
         turn = CommittedTurn(
             index=self._turn_index,
@@ -648,6 +789,7 @@ class CallSession:
             interrupted=interrupted,
             ended_at=utcnow(),
             latency=latency or {},
+            tool_calls=tool_calls or [],
         )
         self._turn_index += 1
         self.turns.append(turn)

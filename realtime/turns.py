@@ -104,6 +104,15 @@ class VoiceTracker:
             return 0.0
         return now_ms - onset
 
+    def voiced_ms(self) -> float:
+        """How much of the current speech was voice: from its onset to the last voiced
+        window. Unlike ``speech_ms`` it does not grow in the silence after a short sound,
+        so a cough cannot become "long speech" by waiting."""
+        onset = self.speech_onset_ms
+        if onset is None or self.last_voice_end_ms is None:
+            return 0.0
+        return max(0.0, self.last_voice_end_ms - onset)
+
     @property
     def speech_onset_ms(self) -> float | None:
         """When the caller's voice started. The model needs a window or two of voice to be

@@ -20,6 +20,8 @@ from temporalio.testing import WorkflowEnvironment
 from twilio.request_validator import RequestValidator
 
 from activities.calls import CallActivities
+from activities.post_call import PostCallActivities
+from activities.webhooks import WebhookActivities
 from api.app import create_app as create_api
 from builder_engine.apikeys import create_org_api_key
 from builder_engine.config import Settings
@@ -34,6 +36,7 @@ from emulators.twilio_phone import TwilioPhone
 from realtime.app import create_app as create_realtime
 from realtime.calls import ProviderFactory
 from workers.temporal_worker import build_worker
+from workflows.events import WebhookRetry
 
 TWILIO_TOKEN = "twilio-test-auth-token"
 PUBLIC_URL = "https://voice.example.test"
@@ -109,7 +112,14 @@ async def running_stack(
     asr_final_latency_ms: float = 100,
     llm_first_token_ms: float = 200,
     tts_first_byte_ms: float = 150,
+    analysis: bool = False,
+    webhook_retry: WebhookRetry | None = None,
+    in_process_worker: bool = True,
 ) -> AsyncIterator[Stack]:
+    """``analysis``: the post-call analysis asks the OpenAI emulator too (off by default,
+    so tests that count the emulator's requests see only the conversation's).
+    ``in_process_worker=False``: no Temporal worker here (the test runs its own, e.g. as
+    a process it can kill) on ``settings.temporal_task_queue``."""
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=installed_binary("temporal"),
         dev_server_log_level="error",
@@ -142,7 +152,19 @@ async def running_stack(
             upgrade(settings)
             key = create_org_api_key(settings, f"e2e-{secrets.token_hex(3)}")
             engine = create_async_db_engine(settings)
-            worker = build_worker(env.client, settings.temporal_task_queue, CallActivities(engine))
+            calls = CallActivities(engine)
+            no_llm = settings.model_copy(update={"openai_api_key": None, "openai_base_url": None})
+            post_call = PostCallActivities(calls.sessions, settings if analysis else no_llm)
+            webhooks = WebhookActivities(
+                calls.sessions, retry=webhook_retry, public_url=settings.effective_public_url
+            )
+            worker = build_worker(
+                env.client,
+                settings.temporal_task_queue,
+                calls,
+                post_call=post_call,
+                webhooks=webhooks,
+            )
             api_app = create_api(settings)
             realtime_app = create_realtime(settings, providers=providers)
             server = uvicorn.Server(
@@ -161,7 +183,7 @@ async def running_stack(
                         serving.result()
                     await asyncio.sleep(0.01)
                 async with (
-                    worker,
+                    worker if in_process_worker else contextlib.nullcontext(),
                     api_app.router.lifespan_context(api_app),
                     httpx.AsyncClient(
                         transport=httpx.ASGITransport(app=api_app),
@@ -182,6 +204,8 @@ async def running_stack(
             finally:
                 server.should_exit = True
                 await serving
+                await post_call.aclose()
+                await webhooks.aclose()
                 await engine.dispose()
     finally:
         await env.shutdown()

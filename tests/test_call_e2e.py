@@ -165,7 +165,7 @@ async def test_a_phone_call_end_to_end(tmp_path: Path) -> None:
             for e in history.events
             if e.HasField("activity_task_scheduled_event_attributes")
         }
-        assert activities == {"record_call_status", "save_call_turns"}
+        assert activities == {"record_call_status", "save_call_turns", "record_call_event"}
 
 
 def phone_started(phone: Any) -> float:

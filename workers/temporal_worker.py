@@ -3,25 +3,56 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.calls import CallActivities
+from activities.post_call import PostCallActivities
+from activities.tools import ToolActivities
+from activities.webhooks import WebhookActivities
 from builder_engine.config import Settings
 from builder_engine.db.engine import create_async_db_engine
 from builder_engine.temporal_setup import connect, ensure_search_attributes
 from workflows.call import CallWorkflow
+from workflows.events import WebhookDeliveryWorkflow
+from workflows.post_call import PostCallWorkflow
 
-WORKFLOWS: list[type] = [CallWorkflow]
+WORKFLOWS: list[type] = [CallWorkflow, PostCallWorkflow, WebhookDeliveryWorkflow]
+
+# How long a workflow task waits for the worker that ran the workflow last (its cached
+# state) before any worker takes it. Short: after a worker dies, the call's next step
+# (a tool result, say) reaches a healthy worker within this.
+STICKY_TIMEOUT = timedelta(seconds=2)
 
 
-def build_worker(client: Client, task_queue: str, calls: CallActivities) -> Worker:
+def build_worker(
+    client: Client,
+    task_queue: str,
+    calls: CallActivities,
+    tools: ToolActivities | None = None,
+    *,
+    post_call: PostCallActivities | None = None,
+    webhooks: WebhookActivities | None = None,
+) -> Worker:
+    tools = tools or ToolActivities(calls.sessions)
+    # Without them: events are recorded and delivered with the default back-off, and the
+    # post-call work runs without recordings storage or LLM (it says so in the call).
+    post_call = post_call or PostCallActivities(calls.sessions, None)
+    webhooks = webhooks or WebhookActivities(calls.sessions)
     return Worker(
         client,
         task_queue=task_queue,
         workflows=WORKFLOWS,
-        activities=[calls.record_call_status, calls.save_call_turns],
+        activities=[
+            calls.record_call_status,
+            calls.save_call_turns,
+            *tools.activities(),
+            *post_call.activities(),
+            *webhooks.activities(),
+        ],
+        sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
     )
 
 
@@ -30,11 +61,25 @@ async def run_worker(settings: Settings) -> None:
     client = await connect(settings)
     await ensure_search_attributes(client, settings.temporal_namespace)
     engine = create_async_db_engine(settings)
+    calls = CallActivities(engine)
+    tools = ToolActivities(calls.sessions)
+    post_call = PostCallActivities(calls.sessions, settings)
+    webhooks = WebhookActivities(calls.sessions, public_url=settings.effective_public_url)
     try:
-        worker = build_worker(client, settings.temporal_task_queue, CallActivities(engine))
+        worker = build_worker(
+            client,
+            settings.temporal_task_queue,
+            calls,
+            tools,
+            post_call=post_call,
+            webhooks=webhooks,
+        )
         async with worker:
             # The supervisor waits for this line before it reports the stack ready.
             print(f"worker ready on task queue {settings.temporal_task_queue}", flush=True)
             await asyncio.Event().wait()
     finally:
+        await tools.aclose()
+        await post_call.aclose()
+        await webhooks.aclose()
         await engine.dispose()

@@ -14,7 +14,16 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 
 with workflow.unsafe.imports_passed_through():
     from builder_engine.calls import CallStatus
-    from workflows.types import CallStart, CallState, CallStatusChange, CommittedTurn, TurnBatch
+    from workflows.events import publish_event
+    from workflows.tools import ToolBatch, ToolBatchResult, ToolRunner
+    from workflows.types import (
+        CallStart,
+        CallState,
+        CallStatusChange,
+        CommittedTurn,
+        PostCallInput,
+        TurnBatch,
+    )
 
 STATUS = SearchAttributeKey.for_keyword("BuilderCallStatus")
 AGENT_ID = SearchAttributeKey.for_keyword("BuilderAgentId")
@@ -39,9 +48,12 @@ class CallWorkflow:
         self._committed = 0
         self._answered = False
         self._ended_reason: str | None = None
+        self._start: CallStart | None = None
+        self._tools = ToolRunner()
 
     @workflow.run
     async def run(self, start: CallStart) -> CallState:
+        self._start = start
         updates = [
             STATUS.value_set(str(self._status)),
             AGENT_ID.value_set(start.agent_id),
@@ -62,11 +74,34 @@ class CallWorkflow:
             )
             if self._answered_unrecorded():
                 await self._record_status(start, CallStatus.IN_PROGRESS)
+                await publish_event(
+                    "call.started", call_id=start.call_id, organization_id=start.organization_id
+                )
             await self._flush_turns(start)
+            await self._tools.publish_pending()
 
+        # A tool still running when the call ends finishes (and is recorded) first.
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._tools.drain()
         await self._flush_turns(start)
         await self._record_status(start, CallStatus.ENDED, self._ended_reason)
         workflow.upsert_search_attributes([ENDED_REASON.value_set(self._ended_reason)])
+        # The paperwork (recording, analysis, call.ended/call.analyzed webhooks) runs on
+        # after the call's own workflow has closed.
+        await workflow.start_child_workflow(
+            "PostCallWorkflow",
+            PostCallInput(
+                call_id=start.call_id,
+                organization_id=start.organization_id,
+                agent_id=start.agent_id,
+                agent_version=start.agent_version,
+                ended_reason=self._ended_reason,
+                turns_committed=self._committed,
+            ),
+            id=f"{start.call_id}-post-call",
+            parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+            static_summary="recording, transcript check, analysis, call.ended + call.analyzed",
+        )
         return self.state()
 
     def _answered_unrecorded(self) -> bool:
@@ -110,6 +145,19 @@ class CallWorkflow:
     def ended(self, reason: str) -> None:
         if self._ended_reason is None:
             self._ended_reason = reason
+
+    @workflow.update
+    async def run_tools(self, batch: ToolBatch) -> ToolBatchResult:
+        """Run the model's tool calls (validated, in parallel) and return their results."""
+        await workflow.wait_condition(lambda: self._start is not None)
+        assert self._start is not None
+        return await self._tools.run(self._start, batch)
+
+    @run_tools.validator
+    def _check_tools(self, batch: ToolBatch) -> None:
+        if self._ended_reason is not None:
+            raise ValueError("the call has ended")
+        ToolRunner.check_batch(batch)
 
     @workflow.query
     def state(self) -> CallState:

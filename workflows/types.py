@@ -71,3 +71,5 @@ class PostCallInput:
     agent_id: str
     agent_version: int
     ended_reason: str
+    # Turns the CallWorkflow committed: the post-call transcript check expects as many.
+    turns_committed: int | None = None

@@ -1,13 +1,15 @@
-"""Calls: their record, per-turn latencies and transcript."""
+"""Calls: their record, per-turn latencies, transcript, analysis, recording and events."""
 
 from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -17,10 +19,12 @@ from api.deps import Auth, Context, Session
 from api.errors import COMMON_ERRORS, NOT_FOUND, ApiError, field_error, not_found
 from api.pagination import Cursor, Limit, Page, after_cursor, encode_cursor
 from api.routers.agents import load_agent
+from api.routers.webhooks import WebhookDeliveryOut, delivery_out
 from api.schemas import UtcDatetime
+from builder_engine import recordings
 from builder_engine.agent_config import VariableValue
 from builder_engine.apikeys import hash_key
-from builder_engine.db.models import Call, CallTurn
+from builder_engine.db.models import Call, CallEvent, CallTurn, WebhookDelivery
 from builder_engine.timeutil import as_utc
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,13 @@ class CallOut(BaseModel):
 
 class CallDetail(CallOut):
     turns: list[TurnOut]
+    recording_url: str | None = Field(
+        description="`GET` it (with your API key) to stream the WAV; null without one."
+    )
+    analysis: dict[str, Any] = Field(
+        description="Post-call analysis: status, summary, structured_data, "
+        'success_evaluation (or {"status": "skipped", "reason": ...}); {} until it ran.'
+    )
 
 
 async def _load(session: AsyncSession, organization_id: str, call_id: str) -> Call:
@@ -180,7 +191,12 @@ async def get_call(call_id: str, auth: Auth, session: Session) -> CallDetail:
     """The call record with every turn and its latencies."""
     call = await _load(session, auth.organization_id, call_id)
     base = CallOut.model_validate(call, from_attributes=True)
-    return CallDetail(**base.model_dump(), turns=await _turns(session, call))
+    return CallDetail(
+        **base.model_dump(),
+        turns=await _turns(session, call),
+        recording_url=f"/v1/calls/{call.id}/recording" if call.recording_url else None,
+        analysis=dict(call.analysis),
+    )
 
 
 @router.get(
@@ -191,3 +207,157 @@ async def get_call(call_id: str, auth: Auth, session: Session) -> CallDetail:
 )
 async def get_transcript(call_id: str, auth: Auth, session: Session) -> list[TurnOut]:
     return await _turns(session, await _load(session, auth.organization_id, call_id))
+
+
+# ------------------------------------------------------------------ recording
+
+
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range (inclusive ends) a ``Range`` header asks for, or None for the
+    whole file. Headers this server ignores (other units, several ranges, bad syntax)
+    also give None, as RFC 9110 allows; a range past the end raises."""
+    if not header:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":
+        if last == "":
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable
+        return max(size - suffix, 0), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable
+    return start, min(int(last) if last else size - 1, size - 1)
+
+
+@router.get(
+    "/{call_id}/recording",
+    response_class=StreamingResponse,
+    responses={
+        **NOT_FOUND,
+        200: {"content": {"audio/wav": {}}, "description": "The whole recording."},
+        206: {"content": {"audio/wav": {}}, "description": "The requested byte range."},
+        416: {"description": "The range starts past the end (see Content-Range)."},
+    },
+    summary="Stream a call's recording (WAV, stereo: caller left, agent right)",
+)
+async def get_recording(
+    call_id: str, request: Request, auth: Auth, session: Session
+) -> StreamingResponse:
+    """Supports single byte ranges (`Range: bytes=0-1023`, `bytes=1024-`, `bytes=-4096`),
+    so players can seek."""
+    call = await _load(session, auth.organization_id, call_id)
+    if not call.recording_url:
+        raise ApiError(404, f"Call '{call_id}' has no recording", kind="not-found")
+    try:
+        stored = await recordings.stat(call.recording_url)
+    except recordings.RecordingStorageError as exc:
+        log.error("recording of %s unavailable: %s", call_id, exc)
+        raise ApiError(
+            503, "The recording storage cannot be reached; retry later.", kind="unavailable"
+        ) from None
+    if stored is None:
+        raise ApiError(404, f"The recording of call '{call_id}' is gone", kind="not-found")
+    size = stored.size
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'inline; filename="{call.id}.wav"',
+    }
+    try:
+        wanted = parse_range(request.headers.get("range"), size)
+    except RangeNotSatisfiable:
+        raise ApiError(
+            416,
+            f"The recording has {size} bytes.",
+            kind="range-not-satisfiable",
+            headers={**headers, "Content-Range": f"bytes */{size}"},
+        ) from None
+    status = 200
+    start, end = 0, size - 1
+    if wanted is not None:
+        status = 206
+        start, end = wanted
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    headers["Content-Length"] = str(end - start + 1 if size else 0)
+    body = recordings.read_range(stored.location, start, end) if size else _empty()
+    return StreamingResponse(body, status_code=status, headers=headers, media_type="audio/wav")
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    return
+    yield b""
+
+
+# ------------------------------------------------------------------ events
+
+
+class CallEventOut(BaseModel):
+    object: Literal["call_event"] = "call_event"
+    id: str
+    type: str = Field(description="call.started, call.ended, call.analyzed, tool.called, ...")
+    created_at: UtcDatetime
+    detail: dict[str, Any] = Field(description="The event's own facts (a tool call, a transfer).")
+    webhook_deliveries: list[WebhookDeliveryOut] = Field(
+        description="Every delivery of this event, with its attempts."
+    )
+
+
+class CallEventList(BaseModel):
+    data: list[CallEventOut]
+
+
+@router.get(
+    "/{call_id}/events",
+    response_model=CallEventList,
+    responses=NOT_FOUND,
+    summary="A call's events (tool calls, transfers, lifecycle) and their webhook deliveries",
+)
+async def get_call_events(call_id: str, auth: Auth, session: Session) -> CallEventList:
+    """Oldest first."""
+    call = await _load(session, auth.organization_id, call_id)
+    events = (
+        await session.exec(
+            select(CallEvent)
+            .where(CallEvent.call_id == call.id, CallEvent.organization_id == call.organization_id)
+            .order_by(col(CallEvent.created_at), col(CallEvent.id))
+        )
+    ).all()
+    deliveries = (
+        await session.exec(
+            select(WebhookDelivery)
+            .where(
+                WebhookDelivery.call_id == call.id,
+                WebhookDelivery.organization_id == call.organization_id,
+            )
+            .order_by(col(WebhookDelivery.created_at), col(WebhookDelivery.id))
+        )
+    ).all()
+    by_event: dict[str, list[WebhookDeliveryOut]] = {}
+    for delivery in deliveries:
+        by_event.setdefault(delivery.event_id, []).append(delivery_out(delivery))
+    return CallEventList(
+        data=[
+            CallEventOut(
+                id=event.id,
+                type=event.kind,
+                created_at=event.created_at,
+                detail=dict(event.data),
+                webhook_deliveries=by_event.get(event.id, []),
+            )
+            for event in events
+        ]
+    )

@@ -27,6 +27,9 @@ START_TIMEOUT_S = 10.0
 MEDIA_TIMEOUT_S = 15.0
 #: Bad frames tolerated per call before the stream is considered broken.
 MAX_BAD_FRAMES = 50
+#: Close codes of a stream that broke rather than hung up: protocol error, unacceptable
+#: data, invalid UTF-8, a message over the server's size limit (uvicorn's ws_max_size).
+_BROKEN_STREAM_CODES = frozenset({1002, 1003, 1007, 1009})
 
 
 class TwilioOutbound:
@@ -37,13 +40,19 @@ class TwilioOutbound:
         self._sid = stream_sid
 
     async def send_audio(self, frame: bytes) -> None:
-        await self._ws.send_text(tp.media_message(self._sid, frame))
+        await self._send(tp.media_message(self._sid, frame))
 
     async def send_mark(self, name: str) -> None:
-        await self._ws.send_text(tp.mark_message(self._sid, name))
+        await self._send(tp.mark_message(self._sid, name))
 
     async def send_clear(self) -> None:
-        await self._ws.send_text(tp.clear_message(self._sid))
+        await self._send(tp.clear_message(self._sid))
+
+    async def _send(self, text: str) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            # The socket is gone. The reading side ends the call with the true reason (a
+            # hang-up); a failed send must not win that race and record a failed call.
+            await self._ws.send_text(text)
 
 
 @dataclass
@@ -164,7 +173,13 @@ class TwilioMediaHandler:
                 self.media_timeout_s,
             )
             return EndedReason.LOST
-        except (WebSocketDisconnect, RuntimeError):
+        except WebSocketDisconnect as exc:
+            if exc.code in _BROKEN_STREAM_CODES:
+                # The websocket layer gave up on what the peer sent: not a hang-up.
+                log.warning("call %s: stream closed with %d", session.setup.call_id, exc.code)
+                return EndedReason.MEDIA_ERROR
+            return EndedReason.CALLER_HANGUP
+        except RuntimeError:
             return EndedReason.CALLER_HANGUP
 
     async def _dispatch(

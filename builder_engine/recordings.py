@@ -1,0 +1,197 @@
+"""Where call recordings live: the recordings folder by default, S3-compatible storage by URL.
+
+The realtime worker writes ``{recordings_dir}/{call_id}.wav`` while the call runs. After
+the call, the post-call workflow checks the file (repairing the WAV header of a writer
+that died mid-call), then either leaves it there (``Call.recording_url`` = ``file://...``)
+or, with ``BUILDER_RECORDINGS_URL=s3://bucket/prefix``, uploads it to
+``s3://bucket/prefix/{call_id}.wav`` and removes the local copy. The API streams both.
+
+S3 needs the optional ``boto3`` package; endpoint and credentials come from boto3's own
+configuration (``AWS_ENDPOINT_URL`` for MinIO/R2/..., ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), never from a workflow payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import anyio
+
+CHUNK_BYTES = 64 * 1024
+
+
+class RecordingStorageError(Exception):
+    """The storage is misconfigured or unreachable."""
+
+
+@dataclass(frozen=True)
+class WavInfo:
+    size_bytes: int
+    duration_s: float
+    repaired: bool
+
+
+def local_path(recordings_dir: Path, call_id: str) -> Path:
+    if not call_id or "/" in call_id or "\\" in call_id or call_id.startswith("."):
+        raise ValueError(f"not a call id: {call_id!r}")
+    return recordings_dir / f"{call_id}.wav"
+
+
+def check_wav(path: Path) -> WavInfo:
+    """Make the RIFF and data chunk sizes match the file (a writer that died mid-call
+    leaves them short) and measure the audio. Raises ValueError when it is no WAV."""
+    with path.open("r+b") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise ValueError("not a RIFF/WAVE file")
+        size = path.stat().st_size
+        byte_rate = 0
+        repaired = False
+        offset = 12
+        while offset + 8 <= size:
+            f.seek(offset)
+            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+            if chunk_id == b"fmt ":
+                fmt = f.read(min(chunk_size, 16))
+                if len(fmt) >= 12:
+                    byte_rate = struct.unpack("<I", fmt[8:12])[0]
+            elif chunk_id == b"data":
+                actual = size - offset - 8
+                if chunk_size != actual:
+                    f.seek(offset + 4)
+                    f.write(struct.pack("<I", actual))
+                    chunk_size = actual
+                    repaired = True
+                if struct.unpack("<I", head[4:8])[0] != size - 8:
+                    f.seek(4)
+                    f.write(struct.pack("<I", size - 8))
+                    repaired = True
+                duration = chunk_size / byte_rate if byte_rate else 0.0
+                return WavInfo(size, round(duration, 3), repaired)
+            offset += 8 + chunk_size + (chunk_size & 1)
+    raise ValueError("the WAV file has no data chunk")
+
+
+# ------------------------------------------------------------------ S3
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise RecordingStorageError(f"not an s3://bucket/key URL: {url}")
+        return cls(parsed.netloc, unquote(parsed.path.lstrip("/")))
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def child(self, name: str) -> S3Location:
+        prefix = self.key.rstrip("/")
+        return S3Location(self.bucket, f"{prefix}/{name}" if prefix else name)
+
+
+def _s3_client() -> Any:
+    try:
+        import boto3  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise RecordingStorageError(
+            "BUILDER_RECORDINGS_URL is an s3:// URL but boto3 is not installed"
+        ) from exc
+    return boto3.client("s3")
+
+
+async def upload(path: Path, recordings_url: str, call_id: str) -> str:
+    """Upload a finished recording; returns its ``s3://`` location."""
+    target = S3Location.parse(recordings_url).child(f"{call_id}.wav")
+
+    def put() -> None:
+        _s3_client().upload_file(
+            str(path), target.bucket, target.key, ExtraArgs={"ContentType": "audio/wav"}
+        )
+
+    try:
+        await asyncio.to_thread(put)
+    except RecordingStorageError:
+        raise
+    except Exception as exc:  # botocore's errors; retried by the activity
+        raise RecordingStorageError(f"upload to {target.url} failed: {exc}") from exc
+    return target.url
+
+
+# ------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class StoredRecording:
+    location: str
+    size: int
+
+
+def local_file(location: str) -> Path | None:
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return None
+
+
+async def stat(location: str) -> StoredRecording | None:
+    """The recording's size, or None when it is not there (any more)."""
+    path = local_file(location)
+    if path is not None:
+        try:
+            size = (await anyio.Path(path).stat()).st_size
+        except FileNotFoundError:
+            return None
+        return StoredRecording(location, size)
+    target = S3Location.parse(location)
+
+    def head() -> int | None:
+        try:
+            answer = _s3_client().head_object(Bucket=target.bucket, Key=target.key)
+        except Exception as exc:
+            if "404" in str(exc) or "NoSuchKey" in str(exc) or "Not Found" in str(exc):
+                return None
+            raise RecordingStorageError(f"cannot read {target.url}: {exc}") from exc
+        return int(answer["ContentLength"])
+
+    length: int | None = await asyncio.to_thread(head)
+    return None if length is None else StoredRecording(location, length)
+
+
+async def read_range(location: str, start: int, end: int) -> AsyncIterator[bytes]:
+    """Bytes ``start`` to ``end`` (inclusive), in chunks."""
+    path = local_file(location)
+    if path is not None:
+        async with await anyio.open_file(path, "rb") as f:
+            await f.seek(start)
+            left = end - start + 1
+            while left > 0:
+                data = await f.read(min(CHUNK_BYTES, left))
+                if not data:
+                    break
+                left -= len(data)
+                yield data
+        return
+    target = S3Location.parse(location)
+    body = await asyncio.to_thread(
+        lambda: _s3_client().get_object(
+            Bucket=target.bucket, Key=target.key, Range=f"bytes={start}-{end}"
+        )["Body"]
+    )
+    try:
+        while data := await asyncio.to_thread(body.read, CHUNK_BYTES):
+            yield data
+    finally:
+        body.close()
