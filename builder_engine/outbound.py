@@ -14,18 +14,16 @@ Every request goes through ``post_json``/``send``:
 * redirects are not followed (a 3xx is returned as is), the response body is read up to
   a size limit, and the whole exchange has one timeout.
 
-Signing: ``signature_headers`` adds ``Builder-Timestamp`` and ``Builder-Signature``
-(``v1=`` + hex HMAC-SHA256 of ``"{timestamp}.{body}"`` with the endpoint's secret).
+Signing: ``signature_headers`` adds ``Builder-Signature: t=<unix seconds>,v1=<hex>`` (HMAC-SHA256
+of ``"{t}.{body}"`` with the secret), the same header webhook events carry
+(builder_engine/webhooks.py, docs/webhooks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import ipaddress
 import socket
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -36,7 +34,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024
-SIGNATURE_VERSION = "v1"
 USER_AGENT = "BuilderEngine/0.1 (+https://builder-engine.dev)"
 
 
@@ -162,29 +159,11 @@ async def check_destination(
     return Destination(parsed, host, addresses[0])
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    """``v1=<hex>``: HMAC-SHA256 over ``"{timestamp}.{body}"``."""
-    message = str(timestamp).encode() + b"." + body
-    digest = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-    return f"{SIGNATURE_VERSION}={digest}"
-
-
 def signature_headers(secret: str, body: bytes, *, now: float | None = None) -> dict[str, str]:
-    timestamp = int(time.time() if now is None else now)
-    return {"Builder-Timestamp": str(timestamp), "Builder-Signature": sign(secret, timestamp, body)}
+    """The same signature as webhook events (one verification recipe for both)."""
+    from builder_engine.webhooks import SIGNATURE_HEADER, signature_header
 
-
-def verify_signature(
-    secret: str, body: bytes, timestamp: str, signature: str, *, tolerance_s: float = 300.0
-) -> bool:
-    """The receiver's check (the recipe in docs/tools.md), used by tests."""
-    try:
-        ts = int(timestamp)
-    except ValueError:
-        return False
-    if abs(time.time() - ts) > tolerance_s:
-        return False
-    return hmac.compare_digest(sign(secret, ts, body), signature)
+    return {SIGNATURE_HEADER: signature_header(secret, body, None if now is None else int(now))}
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,9 @@ from builder_engine.outbound import (
     check_destination,
     is_public,
     send,
-    sign,
     signature_headers,
-    verify_signature,
 )
+from builder_engine.webhooks import verify_signature
 from conftest import ApiHarness
 from workflows.tools import ToolTask
 
@@ -101,18 +100,13 @@ async def test_unusable_urls_are_refused() -> None:
 def test_signatures() -> None:
     body = b'{"a":1}'
     headers = signature_headers("s3cret", body, now=1_700_000_000)
-    assert headers["Builder-Timestamp"] == "1700000000"
-    # The recipe in docs/tools.md, spelled out.
+    # The recipe in docs/webhooks.md, spelled out: tools sign like webhook events.
     digest = hmac.new(b"s3cret", b"1700000000." + body, hashlib.sha256).hexdigest()
-    assert headers["Builder-Signature"] == f"v1={digest}" == sign("s3cret", 1_700_000_000, body)
-    fresh = signature_headers("s3cret", body)
-    assert verify_signature("s3cret", body, fresh["Builder-Timestamp"], fresh["Builder-Signature"])
-    assert not verify_signature(
-        "other", body, fresh["Builder-Timestamp"], fresh["Builder-Signature"]
-    )
-    assert not verify_signature(
-        "s3cret", body, headers["Builder-Timestamp"], headers["Builder-Signature"]
-    )  # too old
+    assert headers == {"Builder-Signature": f"t=1700000000,v1={digest}"}
+    fresh = signature_headers("s3cret", body)["Builder-Signature"]
+    assert verify_signature("s3cret", body, fresh)
+    assert not verify_signature("other", body, fresh)
+    assert not verify_signature("s3cret", body, headers["Builder-Signature"])  # too old
 
 
 async def test_responses_are_size_limited_and_redirects_not_followed() -> None:

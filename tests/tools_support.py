@@ -24,8 +24,8 @@ from builder_engine.db.models import (
     Organization,
     ToolDefinition,
 )
-from builder_engine.outbound import verify_signature
 from builder_engine.tools import DEFAULT_PARAMETERS
+from builder_engine.webhooks import verify_signature
 from emulators._server import HttpRequest, HttpResponse, HttpServer
 from workflows.types import CallStart
 
@@ -96,10 +96,7 @@ class ToolReceiver:
 
     async def _handle(self, request: HttpRequest, response: HttpResponse) -> None:
         signed = verify_signature(
-            self.secret,
-            request.body,
-            request.headers.get("builder-timestamp", ""),
-            request.headers.get("builder-signature", ""),
+            self.secret, request.body, request.headers.get("builder-signature", "")
         )
         entry = Received(
             asyncio.get_running_loop().time(),
