@@ -17,6 +17,7 @@ from api.routers import (
     calendars,
     calls,
     health,
+    organization,
     phone_numbers,
     tools,
     twilio_webhooks,
@@ -75,4 +76,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.include_router(calendars.router)
     app.include_router(webhooks.router)
+    app.include_router(organization.router)
     return app

@@ -144,3 +144,27 @@ async def test_unknown_routes_and_methods_use_the_problem_shape(api: ApiHarness)
     assert missing.headers["content-type"].startswith("application/problem+json")
     wrong = await api.acme.client.delete("/v1/agents")
     assert wrong.status_code == 405 and wrong.json()["status"] == 405
+
+
+async def test_the_outbound_allowlist_is_the_organizations_own(api: ApiHarness) -> None:
+    mine = (await api.acme.client.get("/v1/organization")).json()
+    assert mine["name"] == api.acme.name and mine["outbound_allowlist"] == []
+    updated = await api.acme.client.patch(
+        "/v1/organization",
+        json={"outbound_allowlist": ["127.0.0.1", "10.1.0.0/16", "CRM.internal", "[::1]"]},
+    )
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["outbound_allowlist"] == [
+        "127.0.0.1",
+        "10.1.0.0/16",
+        "crm.internal",
+        "[::1]",
+    ]
+    theirs = (await api.globex.client.get("/v1/organization")).json()
+    assert theirs["outbound_allowlist"] == []
+    bad = await api.acme.client.patch(
+        "/v1/organization", json={"outbound_allowlist": ["not a host!"]}
+    )
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "outbound_allowlist"
+    reset = await api.acme.client.patch("/v1/organization", json={"outbound_allowlist": []})
+    assert reset.json()["outbound_allowlist"] == []
