@@ -55,9 +55,11 @@ SQLITE_LOCK_RETRIES = 5
 T = TypeVar("T")
 Body = Callable[[AsyncSession], Awaitable[ToolOutcome]]
 
+# A transfer_call tool without a destination number in its config answers this.
 TRANSFER_UNAVAILABLE = (
-    "Transferring calls is not available yet. Tell the caller you cannot transfer them "
-    "right now, and offer to help them yourself or to take a message."
+    "Transferring calls is not set up (the tool has no destination number). Tell the "
+    "caller you cannot transfer them right now, and offer to help them yourself or to "
+    "take a message."
 )
 
 

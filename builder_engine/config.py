@@ -112,6 +112,11 @@ class Settings(BaseSettings):
         default=None,
         description="Twilio auth token: validates X-Twilio-Signature and calls Twilio's REST API.",
     )
+    twilio_api_base_url: str | None = Field(
+        default=None,
+        description="Base URL of Twilio's REST API (default https://api.twilio.com); "
+        "tests point it at the emulator.",
+    )
     openai_api_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("OPENAI_API_KEY", "BUILDER_OPENAI_API_KEY"),

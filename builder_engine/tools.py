@@ -52,7 +52,13 @@ DEFAULT_PARAMETERS: dict[str, dict[str, Any]] = {
     "transfer_call": {
         "type": "object",
         "properties": {
-            "destination": {"type": "string", "description": "Who or which number to reach."}
+            "destination": {"type": "string", "description": "Who or which number to reach."},
+            "summary": {
+                "type": "string",
+                "maxLength": 1000,
+                "description": "For a warm transfer: a short summary of the call for the "
+                "person who answers.",
+            },
         },
         "additionalProperties": False,
     },

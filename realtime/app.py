@@ -24,6 +24,7 @@ from realtime.providers.registry import ProviderRegistry, ProviderResources
 from realtime.stats import RealtimeStats
 from realtime.transports.twilio import TwilioMediaHandler
 from realtime.transports.web import WebMediaHandler
+from workflows.liveness import ResumeState
 
 
 @dataclass
@@ -44,11 +45,17 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
         def lifecycle(call_id: str) -> CallLifecycle:
             return TemporalCallLifecycle(temporal, call_id)
 
+        async def resume_state(call_id: str) -> ResumeState:
+            handle = temporal.get_workflow_handle(call_id)
+            state: ResumeState = await handle.query("resume_state", result_type=ResumeState)
+            return state
+
         resources = ProviderResources(settings)
         factory = SessionFactory(
             providers or ProviderRegistry(resources),
             lifecycle,
             settings.effective_recordings_dir,
+            resume_state=resume_state,
         )
         loader = CallLoader(session_factory(engine))
         app.state.context = RealtimeContext(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,8 +21,12 @@ from realtime.media.vad import SileroModel, SileroVad
 from realtime.playout import OutboundMedia
 from realtime.providers.base import AudioFormat
 from realtime.recorder import StereoRecorder
+from realtime.resume import RESUME_LINE, rebuild
 from realtime.session import CallSession, CallSetup, Providers
 from realtime.stats import RealtimeStats
+from workflows.liveness import ResumeState
+
+log = logging.getLogger(__name__)
 
 
 class CallNotFound(LookupError):
@@ -92,7 +97,9 @@ class SessionFactory:
         recordings_dir: Path | None,
         stats: RealtimeStats | None = None,
         vad_model: SileroModel | None = None,
+        resume_state: Callable[[str], Awaitable[ResumeState]] | None = None,
     ) -> None:
+        self._resume_state = resume_state
         self.stats = stats or RealtimeStats()
         self._vad_model = vad_model or SileroModel()
         self._providers = providers
@@ -100,15 +107,23 @@ class SessionFactory:
         self._recordings_dir = recordings_dir
 
     async def create(
-        self, call: LoadedCall, outbound: OutboundMedia, media_format: AudioFormat
+        self,
+        call: LoadedCall,
+        outbound: OutboundMedia,
+        media_format: AudioFormat,
+        *,
+        resume: bool = False,
     ) -> CallSession:
+        """``resume``: the call moved here from a realtime worker that died; the session
+        restores the conversation from the CallWorkflow and does not greet again."""
+        state = await self._load_resume_state(call.call_id) if resume else None
         recorder = None
         if self._recordings_dir is not None:
             recorder = StereoRecorder(
                 self._recordings_dir / f"{call.call_id}.wav", media_format.sample_rate
             )
         vad_rate = 8000 if media_format.sample_rate == 8000 else 16000
-        return CallSession(
+        session = CallSession(
             CallSetup(call.call_id, call.config, media_format, call.variables, tools=call.tools),
             self._providers.build(call.config, media_format),
             outbound,
@@ -117,3 +132,17 @@ class SessionFactory:
             recorder=recorder,
             stats=self.stats,
         )
+        if resume:
+            turns = state.turns if state is not None else []
+            session.resume(rebuild(session.conversation, turns), RESUME_LINE)
+            log.info("call %s resumed here with %d turns", call.call_id, len(turns))
+        return session
+
+    async def _load_resume_state(self, call_id: str) -> ResumeState | None:
+        if self._resume_state is None:
+            return None
+        try:
+            return await self._resume_state(call_id)
+        except Exception as exc:  # the call goes on, without its earlier history
+            log.error("call %s: no resume state from the workflow: %s", call_id, exc)
+            return None

@@ -17,6 +17,7 @@ from typing import Protocol
 from temporalio.client import Client, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
+from workflows.liveness import HEARTBEAT_INTERVAL_S
 from workflows.tools import ToolBatch, ToolBatchResult
 from workflows.types import CommittedTurn
 
@@ -58,20 +59,48 @@ class _Signal:
 class TemporalCallLifecycle:
     """Signals the call's CallWorkflow (workflow id = call id)."""
 
-    def __init__(self, client: Client, call_id: str, *, batch_delay_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        client: Client,
+        call_id: str,
+        *,
+        batch_delay_s: float = 0.05,
+        heartbeat_s: float | None = HEARTBEAT_INTERVAL_S,
+    ) -> None:
         self._handle = client.get_workflow_handle(call_id)
         self._queue: asyncio.Queue[_Signal | None] = asyncio.Queue()
         self._batch_delay_s = batch_delay_s
+        self._heartbeat_s = heartbeat_s
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._heartbeat_queued = False
         self._task = asyncio.create_task(self._deliver(), name=f"lifecycle-{call_id}")
 
     def answered(self) -> None:
         self._queue.put_nowait(_Signal("answered"))
+        if self._heartbeat_s is not None and self._heartbeat is None:
+            # From now on the workflow watches this session: it moves the call should the
+            # heartbeats stop (this process died).
+            self._heartbeat = asyncio.create_task(
+                self._beat(self._heartbeat_s), name=f"heartbeat-{self._handle.id}"
+            )
 
     def commit_turn(self, turn: CommittedTurn) -> None:
         self._queue.put_nowait(_Signal("turns_committed", turn))
 
     def ended(self, reason: str) -> None:
+        self._stop_heartbeat()
         self._queue.put_nowait(_Signal("ended", reason))
+
+    async def _beat(self, interval_s: float) -> None:
+        while True:
+            if not self._heartbeat_queued:  # one waiting is enough
+                self._heartbeat_queued = True
+                self._queue.put_nowait(_Signal("heartbeat"))
+            await asyncio.sleep(interval_s)
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
 
     async def run_tools(self, batch: ToolBatch, *, timeout_s: float) -> ToolBatchResult:
         """The ``run_tools`` Update, asked again with the same update id until it answers:
@@ -100,6 +129,7 @@ class TemporalCallLifecycle:
         return await asyncio.wait_for(ask(), timeout_s)
 
     async def aclose(self) -> None:
+        self._stop_heartbeat()
         self._queue.put_nowait(None)
         try:
             await asyncio.wait_for(asyncio.shield(self._task), 10.0)
@@ -133,6 +163,8 @@ class TemporalCallLifecycle:
             await self._send(item.name, item.arg)
 
     async def _send(self, name: str, arg: object | None) -> None:
+        if name == "heartbeat":
+            self._heartbeat_queued = False
         for attempt in range(5):
             try:
                 if arg is None:

@@ -191,6 +191,13 @@ class CallSession:
         self._transcript_changed = asyncio.Event()
         self.phase_log: list[CallPhase] = [CallPhase.IDLE]
         self.turns: list[CommittedTurn] = []
+        self._resumed: str | None = None  # a call taken over mid-way: what to say first
+
+    def resume(self, next_turn_index: int, line: str) -> None:
+        """This call moved here mid-conversation (its history is in ``conversation``
+        already, see realtime.resume): no greeting, ``line`` (may be empty) first."""
+        self._turn_index = next_turn_index
+        self._resumed = line
 
     # ------------------------------------------------------------ lifecycle
 
@@ -206,7 +213,13 @@ class CallSession:
             self._spawn(self._consume_transcripts(self._asr), "asr-events")
             self._max_timer = loop.call_later(self.config.max_duration_s, self._on_max_duration)
             self.lifecycle.answered()
-            if self.config.first_speaker == "agent" and self.config.first_message:
+            if self._resumed:
+                self.state.to(CallPhase.PROCESSING)
+                self._start_response(self._say(self._resumed, TurnMetrics()))
+            elif self._resumed is not None:
+                self.state.to(CallPhase.LISTENING)
+                self._arm_silence_timer()
+            elif self.config.first_speaker == "agent" and self.config.first_message:
                 greeting = render_template(self.config.first_message, self.variables)
                 self.state.to(CallPhase.PROCESSING)
                 self._start_response(self._say(greeting, TurnMetrics()))
@@ -578,6 +591,10 @@ class CallSession:
                 # The model says its goodbye (the next round), then the call ends.
                 self._finishing = True
                 self.ended_reason = self.ended_reason or EndedReason.AGENT_HANGUP
+            elif outcome.action == "transferred":
+                # The carrier has moved the caller: this (agent) leg is over.
+                self.end(EndedReason.TRANSFERRED)
+                return
             elif outcome.action == "hold" and outcome.hold_s:
                 yield Pause(outcome.hold_s)
             elif outcome.action == "send_dtmf" and outcome.digits:

@@ -21,6 +21,7 @@ from twilio.request_validator import RequestValidator
 
 from activities.calls import CallActivities
 from activities.post_call import PostCallActivities
+from activities.telephony import TelephonyActivities
 from activities.webhooks import WebhookActivities
 from api.app import create_app as create_api
 from builder_engine.apikeys import create_org_api_key
@@ -115,6 +116,7 @@ async def running_stack(
     analysis: bool = False,
     webhook_retry: WebhookRetry | None = None,
     in_process_worker: bool = True,
+    twilio_rest: tuple[str, str] | None = None,
 ) -> AsyncIterator[Stack]:
     """``analysis``: the post-call analysis asks the OpenAI emulator too (off by default,
     so tests that count the emulator's requests see only the conversation's).
@@ -147,6 +149,8 @@ async def running_stack(
                 deepgram_base_url=dg.url,
                 elevenlabs_api_key=el.api_key,
                 elevenlabs_base_url=el.url,
+                twilio_account_sid=twilio_rest[1] if twilio_rest else None,
+                twilio_api_base_url=twilio_rest[0] if twilio_rest else None,
                 _env_file=None,
             )
             upgrade(settings)
@@ -158,12 +162,15 @@ async def running_stack(
             webhooks = WebhookActivities(
                 calls.sessions, retry=webhook_retry, public_url=settings.effective_public_url
             )
+            # twilio_rest = (emulator URL, account SID): transfers and hang-ups go there.
+            telephony = TelephonyActivities.from_settings(calls.sessions, settings)
             worker = build_worker(
                 env.client,
                 settings.temporal_task_queue,
                 calls,
                 post_call=post_call,
                 webhooks=webhooks,
+                telephony=telephony,
             )
             api_app = create_api(settings)
             realtime_app = create_realtime(settings, providers=providers)
@@ -206,6 +213,7 @@ async def running_stack(
                 await serving
                 await post_call.aclose()
                 await webhooks.aclose()
+                await telephony.aclose()
                 await engine.dispose()
     finally:
         await env.shutdown()

@@ -89,11 +89,14 @@ async def test_rate_limited_requests_get_429_with_retry_after(
     )
     key = create_org_api_key(settings, f"busy-{secrets.token_hex(3)}")
     app = create_app(settings)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://testserver",
-        headers={"Authorization": f"Bearer {key}"},
-    ) as client:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://testserver",
+            headers={"Authorization": f"Bearer {key}"},
+        ) as client,
+    ):
         codes = [(await client.get("/v1/agents")).status_code for _ in range(5)]
         assert codes == [200, 200, 429, 429, 429]
         limited = await client.get("/v1/agents")

@@ -136,7 +136,7 @@ async def test_parallel_calls_validated_arguments_and_errors_for_the_model(
         (ids[3], "not valid JSON"),
         (ids[4], "is not a 'date'"),
         (ids[5], "no tool named 'fly_to_moon'"),
-        (ids[6], "not available yet"),
+        (ids[6], "not set up"),
     ]:
         assert not outcomes[bad].ok
         assert phrase in json.loads(outcomes[bad].content)["error"], outcomes[bad].content

@@ -8,8 +8,10 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.call_moves import CallMoveActivities
 from activities.calls import CallActivities
 from activities.post_call import PostCallActivities
+from activities.telephony import TelephonyActivities
 from activities.tools import ToolActivities
 from activities.webhooks import WebhookActivities
 from builder_engine.config import Settings
@@ -35,12 +37,18 @@ def build_worker(
     *,
     post_call: PostCallActivities | None = None,
     webhooks: WebhookActivities | None = None,
+    moves: CallMoveActivities | None = None,
+    telephony: TelephonyActivities | None = None,
 ) -> Worker:
     tools = tools or ToolActivities(calls.sessions)
     # Without them: events are recorded and delivered with the default back-off, and the
     # post-call work runs without recordings storage or LLM (it says so in the call).
     post_call = post_call or PostCallActivities(calls.sessions, None)
     webhooks = webhooks or WebhookActivities(calls.sessions)
+    # Without settings a Twilio call cannot be moved (no credentials); web calls can.
+    moves = moves or CallMoveActivities(calls.sessions, None)
+    # Without Twilio credentials transfers and phone hang-ups fail (and say so).
+    telephony = telephony or TelephonyActivities(calls.sessions)
     return Worker(
         client,
         task_queue=task_queue,
@@ -51,6 +59,8 @@ def build_worker(
             *tools.activities(),
             *post_call.activities(),
             *webhooks.activities(),
+            *moves.activities(),
+            *telephony.activities(),
         ],
         sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
     )
@@ -65,6 +75,7 @@ async def run_worker(settings: Settings) -> None:
     tools = ToolActivities(calls.sessions)
     post_call = PostCallActivities(calls.sessions, settings)
     webhooks = WebhookActivities(calls.sessions, public_url=settings.effective_public_url)
+    telephony = TelephonyActivities.from_settings(calls.sessions, settings)
     try:
         worker = build_worker(
             client,
@@ -73,6 +84,8 @@ async def run_worker(settings: Settings) -> None:
             tools,
             post_call=post_call,
             webhooks=webhooks,
+            moves=CallMoveActivities(calls.sessions, settings),
+            telephony=telephony,
         )
         async with worker:
             # The supervisor waits for this line before it reports the stack ready.
@@ -82,4 +95,5 @@ async def run_worker(settings: Settings) -> None:
         await tools.aclose()
         await post_call.aclose()
         await webhooks.aclose()
+        await telephony.aclose()
         await engine.dispose()

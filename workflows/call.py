@@ -7,15 +7,31 @@ stays small, and keeps the call findable in the Temporal UI by search attributes
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
 
 with workflow.unsafe.imports_passed_through():
-    from builder_engine.calls import CallStatus
+    from builder_engine.calls import CallStatus, EndedReason
     from workflows.events import publish_event
-    from workflows.tools import ToolBatch, ToolBatchResult, ToolRunner
+    from workflows.liveness import (
+        HISTORY_LIMIT,
+        CallCarry,
+        Liveness,
+        ResumeState,
+        history_turn,
+    )
+    from workflows.tools import ToolBatch, ToolBatchResult, ToolOutcome, ToolRunner
+    from workflows.transfers import (
+        CallControl,
+        HangUpRequest,
+        HangUpResult,
+        TransferRequest,
+        TransferResult,
+    )
     from workflows.types import (
         CallStart,
         CallState,
@@ -34,6 +50,8 @@ ENDED_REASON = SearchAttributeKey.for_keyword("BuilderEndedReason")
 # Turns are written at most this often (or when this many are waiting).
 TURN_FLUSH_INTERVAL = timedelta(seconds=5)
 TURN_FLUSH_SIZE = 20
+# After a supervisor's hang-up, how long the media side has to report the end.
+SUPERVISOR_GRACE = timedelta(seconds=10)
 
 DB_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=10)
@@ -49,10 +67,17 @@ class CallWorkflow:
         self._answered = False
         self._ended_reason: str | None = None
         self._start: CallStart | None = None
-        self._tools = ToolRunner()
+        self._control = CallControl()
+        self._tools = ToolRunner(self._control)
+        self._liveness = Liveness()
+        self._history: list[CommittedTurn] = []  # as heard, for a session taking over
+        self._runs = 1
 
     @workflow.run
     async def run(self, start: CallStart) -> CallState:
+        if start.carried is not None:
+            self._restore(start.carried)
+            start = dataclasses.replace(start, carried=None)
         self._start = start
         updates = [
             STATUS.value_set(str(self._status)),
@@ -64,14 +89,15 @@ class CallWorkflow:
         workflow.upsert_search_attributes(updates)
 
         while self._ended_reason is None:
-            await workflow.wait_condition(
-                lambda: (
-                    self._answered_unrecorded()
-                    or len(self._pending) >= TURN_FLUSH_SIZE
-                    or self._ended_reason is not None
-                ),
-                timeout=TURN_FLUSH_INTERVAL if self._pending else None,
-            )
+            with contextlib.suppress(TimeoutError):  # a flush or heartbeat check is due
+                await workflow.wait_condition(
+                    lambda: (
+                        self._answered_unrecorded()
+                        or len(self._pending) >= TURN_FLUSH_SIZE
+                        or self._ended_reason is not None
+                    ),
+                    timeout=self._wake_in(),
+                )
             if self._answered_unrecorded():
                 await self._record_status(start, CallStatus.IN_PROGRESS)
                 await publish_event(
@@ -79,9 +105,18 @@ class CallWorkflow:
                 )
             await self._flush_turns(start)
             await self._tools.publish_pending()
+            if self._ended_reason is None and self._liveness.overdue(workflow.now()):
+                # The realtime process serving the call died: move the call.
+                lost = await self._liveness.recover(start)
+                if lost is not None and self._ended_reason is None:
+                    self._ended_reason = lost
+            if self._ended_reason is None and self._history_is_long():
+                await self._continue_as_new(start)
 
         # A tool still running when the call ends finishes (and is recorded) first.
         await workflow.wait_condition(workflow.all_handlers_finished)
+        # A transfer that was redirecting the caller when the stream ended has finished now.
+        self._ended_reason = self._control.ended_reason(self._ended_reason)
         await self._tools.drain()
         await self._flush_turns(start)
         await self._record_status(start, CallStatus.ENDED, self._ended_reason)
@@ -103,6 +138,55 @@ class CallWorkflow:
             static_summary="recording, transcript check, analysis, call.ended + call.analyzed",
         )
         return self.state()
+
+    def _wake_in(self) -> timedelta | None:
+        waits = [w for w in (self._liveness.wake_in(workflow.now()),) if w is not None]
+        if self._pending:
+            waits.append(TURN_FLUSH_INTERVAL)
+        return min(waits) if waits else None
+
+    def _history_is_long(self) -> bool:
+        info = workflow.info()
+        return (
+            info.get_current_history_length() >= HISTORY_LIMIT
+            or info.is_continue_as_new_suggested()
+        )
+
+    async def _continue_as_new(self, start: CallStart) -> None:
+        """A long call goes on in a fresh run (same workflow id) carrying its state."""
+        if not workflow.all_handlers_finished():
+            return  # a tool is running: next time
+        await self._flush_turns(start)
+        liveness = self._liveness
+        workflow.continue_as_new(
+            dataclasses.replace(
+                start,
+                carried=CallCarry(
+                    status=str(self._status),
+                    answered=self._answered,
+                    committed=self._committed,
+                    history=self._history,
+                    pending=self._pending,
+                    tool_outcomes=[dataclasses.asdict(o) for o in self._tools.finished_outcomes()],
+                    last_heartbeat=liveness.last_heartbeat,
+                    moves=liveness.moves,
+                    moved_at=liveness.moved_at,
+                    runs=self._runs,
+                ),
+            )
+        )
+
+    def _restore(self, carried: CallCarry) -> None:
+        self._status = CallStatus(carried.status)
+        self._answered = carried.answered
+        self._committed = carried.committed
+        self._history = list(carried.history)
+        self._pending = list(carried.pending)
+        self._tools.restore([ToolOutcome(**o) for o in carried.tool_outcomes])
+        self._liveness.last_heartbeat = carried.last_heartbeat
+        self._liveness.moves = carried.moves
+        self._liveness.moved_at = carried.moved_at
+        self._runs = carried.runs + 1
 
     def _answered_unrecorded(self) -> bool:
         return self._answered and self._status == CallStatus.RINGING
@@ -140,11 +224,58 @@ class CallWorkflow:
     @workflow.signal
     def turns_committed(self, turns: list[CommittedTurn]) -> None:
         self._pending.extend(turns)
+        self._history.extend(history_turn(t) for t in turns)
+
+    @workflow.signal
+    def heartbeat(self) -> None:
+        """The realtime session serving the call is alive (about every second)."""
+        if self._ended_reason is None:
+            self._liveness.beat(workflow.now())
+
+    @workflow.query
+    def resume_state(self) -> ResumeState:
+        """The conversation so far, for a realtime session taking over the live call."""
+        call_id = self._start.call_id if self._start is not None else workflow.info().workflow_id
+        return ResumeState(call_id, self._answered, list(self._history))
 
     @workflow.signal
     def ended(self, reason: str) -> None:
         if self._ended_reason is None:
-            self._ended_reason = reason
+            # After a transfer or a supervisor's hang-up, the stream's end is not the caller's.
+            self._ended_reason = self._control.ended_reason(reason)
+
+    @workflow.update
+    async def supervisor_transfer(self, request: TransferRequest) -> TransferResult:
+        """``POST /v1/calls/{id}/transfer``: move the caller to another number."""
+        return await self._control.transfer(request)
+
+    @supervisor_transfer.validator
+    def _check_transfer(self, request: TransferRequest) -> None:
+        if self._ended_reason is not None:
+            raise ValueError("the call has ended")
+
+    @workflow.update
+    async def supervisor_hangup(self, request: HangUpRequest) -> HangUpResult:
+        """``POST /v1/calls/{id}/hangup``: end the call (ended reason supervisor-hangup)."""
+        result = await self._control.hang_up(request)
+        if result.status == "ended":
+            # A web call (no carrier): the call ends here; its session's signals are late.
+            self.ended(EndedReason.SUPERVISOR_HANGUP)
+        else:
+            # The carrier ends the media stream and the session reports it; should no
+            # session be serving the call, end it here after a while.
+            try:
+                await workflow.wait_condition(
+                    lambda: self._ended_reason is not None, timeout=SUPERVISOR_GRACE
+                )
+            except TimeoutError:
+                self.ended(EndedReason.SUPERVISOR_HANGUP)
+        return result
+
+    @supervisor_hangup.validator
+    def _check_hangup(self, request: HangUpRequest) -> None:
+        if self._ended_reason is not None:
+            raise ValueError("the call has ended")
 
     @workflow.update
     async def run_tools(self, batch: ToolBatch) -> ToolBatchResult:

@@ -34,6 +34,12 @@ with workflow.unsafe.imports_passed_through():
 
     from builder_engine.tools import ToolDef
     from workflows.events import publish_event
+    from workflows.transfers import (
+        CallControl,
+        TransferRequest,
+        TransferResult,
+        tool_transfer,
+    )
     from workflows.types import CallStart
 
 # Kinds run as local activities; everything else as a regular activity.
@@ -178,7 +184,8 @@ def failure_message(tool: ToolDef, error: BaseException) -> str:
 class ToolRunner:
     """The CallWorkflow's tool state: cached definitions and finished results."""
 
-    def __init__(self) -> None:
+    def __init__(self, control: CallControl | None = None) -> None:
+        self._control = control
         self._tools: dict[str, ToolDef] | None = None
         self._validators: dict[str, Draft202012Validator] = {}
         self._loading = asyncio.Lock()
@@ -208,6 +215,13 @@ class ToolRunner:
     async def drain(self) -> None:
         """Before the workflow ends: every event published."""
         await self.publish_pending()
+
+    def finished_outcomes(self) -> list[ToolOutcome]:
+        """Results of the finished tool calls (carried across continue-as-new)."""
+        return list(self._finished.values())
+
+    def restore(self, outcomes: list[ToolOutcome]) -> None:
+        self._finished.update((o.tool_call_id, o) for o in outcomes)
 
     @staticmethod
     def check_batch(batch: ToolBatch) -> None:
@@ -296,8 +310,17 @@ class ToolRunner:
         summary = f"{tool.name} ({tool.kind})" if tool.name != tool.kind else tool.name
         timeout = timedelta(seconds=tool.timeout_s)
         try:
-            if tool.kind in LOCAL_KINDS:
-                outcome: ToolOutcome = await workflow.execute_local_activity(
+            transfer = (
+                tool_transfer(task.call_id, task.organization_id, call.id, tool.settings, arguments)
+                if tool.kind == "transfer_call" and self._control is not None
+                else None
+            )
+            if isinstance(transfer, TransferRequest) and self._control is not None:
+                outcome: ToolOutcome = await self._transfer(self._control, task, transfer)
+            elif isinstance(transfer, str):
+                outcome = error_outcome(call, transfer, tool.kind)
+            elif tool.kind in LOCAL_KINDS:
+                outcome = await workflow.execute_local_activity(
                     activity,
                     task,
                     result_type=ToolOutcome,
@@ -336,3 +359,43 @@ class ToolRunner:
         }
         self._unpublished.append((start, detail))
         return outcome
+
+    async def _transfer(
+        self, control: CallControl, task: ToolTask, request: TransferRequest
+    ) -> ToolOutcome:
+        """``transfer_call``: the carrier moves the caller (see workflows/transfers.py)."""
+        result: TransferResult = await control.transfer(request)
+        if result.transferred:
+            content = {"transferred": True, "note": "The caller is now connected elsewhere."}
+            return ToolOutcome(
+                task.tool_call_id,
+                task.tool_name,
+                True,
+                json.dumps(content),
+                kind=task.kind,
+                action="transferred",
+            )
+        if result.status in ("no-answer", "busy"):
+            note = (
+                "Nobody answered at the transfer destination"
+                if result.status == "no-answer"
+                else "The transfer destination is busy"
+            )
+            content = {
+                "transferred": False,
+                "reason": result.status,
+                "note": f"{note}. Tell the caller, and offer to help or to take a message.",
+            }
+            return ToolOutcome(
+                task.tool_call_id, task.tool_name, True, json.dumps(content), kind=task.kind
+            )
+        return ToolOutcome(
+            task.tool_call_id,
+            task.tool_name,
+            False,
+            error_content(
+                f"The transfer did not work ({result.detail or result.status}). Tell the "
+                "caller you cannot transfer them right now, and offer to help yourself."
+            ),
+            task.kind,
+        )

@@ -21,6 +21,8 @@ class CallStart:
     from_number: str | None = None
     to_number: str | None = None
     campaign_id: str | None = None
+    # A long call's state, when its workflow continued as new (None on the first run).
+    carried: CallCarry | None = None
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,19 @@ class PostCallInput:
     ended_reason: str
     # Turns the CallWorkflow committed: the post-call transcript check expects as many.
     turns_committed: int | None = None
+
+
+@dataclass(frozen=True)
+class CallCarry:
+    """The CallWorkflow's state across continue-as-new (see workflows/liveness.py)."""
+
+    status: str
+    answered: bool
+    committed: int
+    history: list[CommittedTurn]
+    pending: list[CommittedTurn]
+    tool_outcomes: list[dict[str, Any]]  # workflows.tools.ToolOutcome, as plain dicts
+    last_heartbeat: datetime | None
+    moves: int
+    moved_at: datetime | None
+    runs: int

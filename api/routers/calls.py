@@ -13,6 +13,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.service import RPCError
 
 from api.call_start import create_call
 from api.deps import Auth, Context, Session
@@ -26,6 +28,7 @@ from builder_engine.agent_config import VariableValue
 from builder_engine.apikeys import hash_key
 from builder_engine.db.models import Call, CallEvent, CallTurn, WebhookDelivery
 from builder_engine.timeutil import as_utc
+from workflows.transfers import HangUpRequest, TransferRequest, TransferResult
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/calls", tags=["calls"], responses=COMMON_ERRORS)
@@ -361,3 +364,83 @@ async def get_call_events(call_id: str, auth: Auth, session: Session) -> CallEve
             for event in events
         ]
     )
+
+
+# ------------------------------------------------------------------ supervisor control
+
+
+class TransferIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str = Field(pattern=r"^\+[1-9][0-9]{7,14}$", description="E.164 destination.")
+    mode: Literal["cold", "warm"] = "cold"
+    summary: str | None = Field(
+        default=None, max_length=1000, description="Warm: said to the answering party first."
+    )
+    ring_timeout_s: int = Field(default=20, ge=5, le=120)
+
+
+class ControlOut(BaseModel):
+    call_id: str
+    status: str = Field(
+        description="transfer: transferred | no-answer | busy | failed | unsupported; "
+        "hangup: hung-up | ended."
+    )
+    detail: str = ""
+
+
+async def _live(session: AsyncSession, organization_id: str, call_id: str) -> Call:
+    call = await _load(session, organization_id, call_id)
+    if call.status == "ended":
+        raise ApiError(409, f"Call {call_id} has already ended.", kind="conflict")
+    return call
+
+
+async def _control_update(context: Any, call: Call, update: str, payload: Any) -> Any:
+    try:
+        temporal = await context.temporal.client()
+        handle = temporal.get_workflow_handle(call.id)
+        return await handle.execute_update(update, payload, result_type=None)
+    except (WorkflowUpdateFailedError, RPCError) as exc:
+        # The workflow finished or refused (the call ended meanwhile).
+        log.info("%s of %s refused: %s", update, call.id, exc)
+        raise ApiError(409, f"Call {call.id} has already ended.", kind="conflict") from exc
+
+
+@router.post(
+    "/{call_id}/transfer",
+    response_model=ControlOut,
+    responses={**NOT_FOUND, 409: {"description": "The call has ended."}},
+    summary="Transfer a live phone call to another number (cold or warm)",
+)
+async def transfer_call(
+    call_id: str, body: TransferIn, auth: Auth, session: Session, context: Context
+) -> ControlOut:
+    call = await _live(session, auth.organization_id, call_id)
+    request = TransferRequest(
+        call_id=call.id,
+        organization_id=call.organization_id,
+        to=body.to,
+        mode=body.mode,
+        summary=body.summary,
+        ring_timeout_s=body.ring_timeout_s,
+        requested_by="supervisor",
+        reference=f"sup-{secrets.token_hex(4)}",
+    )
+    raw = await _control_update(context, call, "supervisor_transfer", request)
+    result = TransferResult(**raw) if isinstance(raw, dict) else raw
+    return ControlOut(call_id=call.id, status=result.status, detail=result.detail)
+
+
+@router.post(
+    "/{call_id}/hangup",
+    response_model=ControlOut,
+    responses={**NOT_FOUND, 409: {"description": "The call has ended."}},
+    summary="End a live call (ended reason supervisor-hangup)",
+)
+async def hang_up_call(call_id: str, auth: Auth, session: Session, context: Context) -> ControlOut:
+    call = await _live(session, auth.organization_id, call_id)
+    raw = await _control_update(
+        context, call, "supervisor_hangup", HangUpRequest(call.id, call.organization_id)
+    )
+    status = raw.get("status", "") if isinstance(raw, dict) else str(raw.status)
+    return ControlOut(call_id=call.id, status=status)

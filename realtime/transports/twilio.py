@@ -113,7 +113,9 @@ class TwilioMediaHandler:
         self, websocket: WebSocket, start: tp.Start, call: LoadedCall, stats: StreamStats
     ) -> None:
         outbound = TwilioOutbound(websocket, start.stream_sid)
-        session = await self._sessions.create(call, outbound, MULAW_8K)
+        # resume=1: the CallWorkflow moved this live call here (its worker died).
+        resume = start.custom_parameters.get("resume") == "1"
+        session = await self._sessions.create(call, outbound, MULAW_8K, resume=resume)
         runner = asyncio.create_task(session.run(), name=f"{call.call_id}:session")
         pump = asyncio.create_task(self._pump(websocket, start.stream_sid, session, stats))
         # When the session ends by itself (the agent hung up), stop reading the socket.

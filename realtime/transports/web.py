@@ -3,7 +3,10 @@
 Protocol (docs/web-protocol.md):
 
 client -> server
-  text   {"type": "start", "call_id": "...", "token": "..."}   first message
+  text   {"type": "start", "call_id": "...", "token": "...", "resume": false}   first message
+         (after a dropped socket: the same call_id + token again resumes the call - on this
+         server within the reconnect grace period, or with "resume": true on another one
+         when this one died)
   binary PCM16 little-endian mono 16 kHz audio, any length (20 ms = 640 bytes is best)
   text   {"type": "mark", "name": "..."}    echo each mark once the audio before it played
   text   {"type": "dtmf", "digit": "5"}     keypad input
@@ -40,18 +43,46 @@ MAX_TEXT_BYTES = 4096
 MAX_AUDIO_BYTES = 64_000  # 2 s of audio in one message is already more than anyone sends
 
 
+#: A dropped socket (no hangup message) keeps the call for this long, for the client to
+#: reconnect with the same call id and token; then the call ends as a caller hang-up.
+RECONNECT_GRACE_S = 10.0
+_DROPPED = "dropped"  # the pump's word for a socket gone without a hangup
+
+
 class WebOutbound:
+    """The attached socket of a call; while none is (a dropped socket), output is dropped."""
+
     def __init__(self, websocket: WebSocket) -> None:
-        self._ws = websocket
+        self.ws: WebSocket | None = websocket
 
     async def send_audio(self, frame: bytes) -> None:
-        await self._ws.send_bytes(frame)
+        await self._send(frame)
 
     async def send_mark(self, name: str) -> None:
-        await self._ws.send_text(json.dumps({"type": "mark", "name": name}))
+        await self._send(json.dumps({"type": "mark", "name": name}))
 
     async def send_clear(self) -> None:
-        await self._ws.send_text('{"type":"clear"}')
+        await self._send('{"type":"clear"}')
+
+    async def _send(self, message: str | bytes) -> None:
+        ws = self.ws
+        if ws is None:
+            return
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            # Gone: the reading side notices and waits for the client to come back.
+            if isinstance(message, bytes):
+                await ws.send_bytes(message)
+            else:
+                await ws.send_text(message)
+
+
+class _LiveCall:
+    def __init__(self, session: CallSession, outbound: WebOutbound, runner: asyncio.Task[str]):
+        self.session = session
+        self.outbound = outbound
+        self.runner = runner
+        self.attached = True
+        self.grace: asyncio.TimerHandle | None = None
 
 
 def _json(text: str) -> dict[str, Any] | None:
@@ -65,9 +96,17 @@ def _json(text: str) -> dict[str, Any] | None:
 
 
 class WebMediaHandler:
-    def __init__(self, loader: CallLoader, sessions: SessionFactory) -> None:
+    def __init__(
+        self,
+        loader: CallLoader,
+        sessions: SessionFactory,
+        *,
+        reconnect_grace_s: float = RECONNECT_GRACE_S,
+    ) -> None:
         self._loader = loader
         self._sessions = sessions
+        self.reconnect_grace_s = reconnect_grace_s
+        self._live: dict[str, _LiveCall] = {}  # calls with a session in this process
 
     async def handle(self, websocket: WebSocket) -> None:
         await websocket.accept()
@@ -90,24 +129,66 @@ class WebMediaHandler:
         if expected is None or not hmac.compare_digest(expected, _hash(token)):
             await _close(websocket, 1008, "bad token")
             return
-        await websocket.send_text(
-            json.dumps({"type": "started", "call_id": call.call_id, "sample_rate": 16000})
-        )
-        session = await self._sessions.create(call, WebOutbound(websocket), PCM16_16K)
+        live = self._live.get(call.call_id)
+        if live is not None:
+            if live.attached:
+                await _close(websocket, 1008, "the call is connected elsewhere")
+                return
+            # The client is back: the same session goes on, on this socket.
+            if live.grace is not None:
+                live.grace.cancel()
+            live.outbound.ws = websocket
+            live.attached = True
+            await self._started(websocket, call.call_id, resumed=True)
+            await self._serve(websocket, live)
+            return
+        # "resume": the call's session was on a realtime server that died; this one
+        # restores the conversation from the CallWorkflow.
+        resume = start.get("resume") is True
+        outbound = WebOutbound(websocket)
+        session = await self._sessions.create(call, outbound, PCM16_16K, resume=resume)
+        await self._started(websocket, call.call_id, resumed=resume)
         runner = asyncio.create_task(session.run(), name=f"{call.call_id}:session")
+        live = self._live[call.call_id] = _LiveCall(session, outbound, runner)
+        runner.add_done_callback(lambda _: self._live.pop(call.call_id, None))
+        await self._serve(websocket, live)
+
+    async def _started(self, websocket: WebSocket, call_id: str, *, resumed: bool) -> None:
+        message = {"type": "started", "call_id": call_id, "sample_rate": 16000}
+        if resumed:
+            message["resumed"] = True
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.send_text(json.dumps(message))
+
+    async def _serve(self, websocket: WebSocket, live: _LiveCall) -> None:
+        """Feed the call from this socket until the call ends or the socket drops."""
+        session, runner = live.session, live.runner
         pump = asyncio.create_task(self._pump(websocket, session))
-        runner.add_done_callback(lambda _: pump.cancel())
         try:
-            session.end(await pump)
+            await asyncio.wait({pump, runner}, return_when=asyncio.FIRST_COMPLETED)
+            if not runner.done():
+                reason = pump.result()
+                if reason == _DROPPED:
+                    # Keep the call for the client to come back (same call id and token).
+                    live.outbound.ws = None
+                    live.attached = False
+                    live.grace = asyncio.get_running_loop().call_later(
+                        self.reconnect_grace_s, session.end, EndedReason.CALLER_HANGUP
+                    )
+                    call_id = session.setup.call_id
+                    log.info("call %s: the socket dropped, waiting for a reconnect", call_id)
+                    return
+                session.end(reason)
         except asyncio.CancelledError:
             if not runner.done():
-                raise
+                session.end(EndedReason.FAILED)
+            raise
         finally:
             pump.cancel()
-            reason = await runner
-            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-                await websocket.send_text(json.dumps({"type": "ended", "reason": reason}))
-            await _close(websocket, 1000, "call ended")
+        ended = await runner
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.send_text(json.dumps({"type": "ended", "reason": ended}))
+        await _close(websocket, 1000, "call ended")
 
     async def _pump(self, websocket: WebSocket, session: CallSession) -> str:
         bad = 0
@@ -116,7 +197,7 @@ class WebMediaHandler:
                 async with asyncio.timeout(MEDIA_TIMEOUT_S):
                     message = await websocket.receive()
                 if message["type"] == "websocket.disconnect":
-                    return EndedReason.CALLER_HANGUP
+                    return _DROPPED
                 audio = message.get("bytes")
                 if audio is not None:
                     if len(audio) > MAX_AUDIO_BYTES or len(audio) % 2:
@@ -147,7 +228,7 @@ class WebMediaHandler:
         except TimeoutError:
             return EndedReason.LOST
         except (WebSocketDisconnect, RuntimeError):
-            return EndedReason.CALLER_HANGUP
+            return _DROPPED
 
 
 def _hash(token: str) -> str:

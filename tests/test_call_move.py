@@ -1,0 +1,215 @@
+"""The realtime process serving a live call dies (kill -9) mid-call. The CallWorkflow
+misses its heartbeats within seconds and moves the call (a Twilio REST call update with
+new stream TwiML, to the emulator); the phone follows that TwiML like Twilio would, to a
+second realtime process, and the call goes on there with its history - the model's next
+request holds the earlier turns - and ends normally."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from e2e import Stack, free_port, running_stack
+from pydantic import SecretStr
+from sqlmodel import Session, col, select
+from test_tools_crash import WorkerProcess
+
+from builder_engine.db.engine import create_sync_engine
+from builder_engine.db.models import CallTurn
+from emulators.openai import Reply, ScriptRule
+from emulators.speech import caller_speech
+from emulators.twilio_phone import TwilioPhone
+from emulators.twilio_rest import TwilioRestEmulator
+from realtime.resume import RESUME_LINE
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+GREETING = "Hi, this is Sam from the bakery."
+FIRST = "I would like a chocolate cake."
+FIRST_ANSWER = "Sure, a chocolate cake. For which day?"
+SECOND = "For Saturday please."
+SECOND_ANSWER = "Saturday it is. Goodbye for now."
+LLM_SCRIPT: list[ScriptRule] = [
+    Reply(when_last_user_contains="cake", text=FIRST_ANSWER),
+    Reply(when_last_user_contains="saturday", text=SECOND_ANSWER),
+    Reply(text="Sorry?"),
+]
+
+
+class RealtimeProcess:
+    """``builder-engine serve realtime`` as its own process, configured by environment."""
+
+    def __init__(self, stack: Stack) -> None:
+        settings = stack.settings
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}"
+        secret = SecretStr.get_secret_value
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "BUILDER_DATA_DIR": str(settings.data_dir),
+            "BUILDER_TEMPORAL_ADDRESS": str(settings.temporal_address),
+            "BUILDER_TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
+            "BUILDER_HOST": "127.0.0.1",
+            "BUILDER_REALTIME_PORT": str(self.port),
+            "BUILDER_LOG_LEVEL": "warning",
+            "BUILDER_OPENAI_API_KEY": secret(settings.openai_api_key),  # type: ignore[arg-type]
+            "BUILDER_OPENAI_BASE_URL": str(settings.openai_base_url),
+            "BUILDER_DEEPGRAM_API_KEY": secret(settings.deepgram_api_key),  # type: ignore[arg-type]
+            "BUILDER_DEEPGRAM_BASE_URL": str(settings.deepgram_base_url),
+            "BUILDER_ELEVENLABS_API_KEY": secret(settings.elevenlabs_api_key),  # type: ignore[arg-type]
+            "BUILDER_ELEVENLABS_BASE_URL": str(settings.elevenlabs_base_url),
+        }
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "serve",
+            "realtime",
+            cwd=ROOT,
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        async with httpx.AsyncClient() as client, asyncio.timeout(60):
+            while True:
+                assert self.process.returncode is None, "the realtime server exited"
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get(f"http://127.0.0.1:{self.port}/healthz")).is_success:
+                        return
+                await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.process.wait(), 10)
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    async with running_stack(
+        tmp_path, asr_script=[], llm_script=LLM_SCRIPT, in_process_worker=False
+    ) as running:
+        # Each realtime process opens its own recognizer connection: the first hears the
+        # first question, the second (after the move) the second.
+        def transcript(connection: int, utterance: int) -> str:
+            return (FIRST, SECOND)[min(connection, 1)] if utterance == 0 else ""
+
+        running.deepgram.script = transcript
+        yield running
+
+
+async def test_a_realtime_worker_killed_mid_call_and_the_call_goes_on(stack: Stack) -> None:
+    first, second = RealtimeProcess(stack), RealtimeProcess(stack)
+    async with TwilioRestEmulator() as rest:
+        worker = WorkerProcess(stack)
+        worker.env.update(
+            {
+                "BUILDER_TWILIO_ACCOUNT_SID": rest.account_sid,
+                "BUILDER_TWILIO_AUTH_TOKEN": rest.auth_token,
+                "BUILDER_TWILIO_API_BASE_URL": rest.url,
+                # Where a moved call goes: in production a load balancer in front of the
+                # healthy replicas; here the second process.
+                "BUILDER_REALTIME_PUBLIC_URL": second.url,
+            }
+        )
+        try:
+            await asyncio.gather(first.start(), second.start(), worker.start())
+            agent = await stack.create_agent(
+                name="Bakery", first_message=GREETING, turn={"endpointing_ms": 200}
+            )
+            number = await stack.add_number(agent["id"])
+            call_sid, _, call_id = await stack.incoming_call(number)
+
+            phone = TwilioPhone(
+                f"{first.url}/media/twilio", parameters={"call_id": call_id}, call_sid=call_sid
+            )
+            async with phone:
+                await phone.wait_for_media_after(0, within=15)
+                await phone.wait_until_quiet(0.4, within=15)
+                utterance = phone.say(caller_speech(FIRST))
+                await utterance.done.wait()
+                answer = await phone.wait_for_media_after(utterance.ended_at or 0.0, within=15)
+                await phone.wait_until_quiet(0.4, within=15)
+                assert answer
+
+                # The realtime process dies with the call live.
+                assert first.process is not None
+                first.process.kill()
+                loop = asyncio.get_running_loop()
+                killed_at = loop.time()
+                await first.process.wait()
+
+                async with asyncio.timeout(20):
+                    while not rest.updates(call_sid):
+                        await asyncio.sleep(0.02)
+                moved_after = loop.time() - killed_at
+            print(f"killed -> call moved (Twilio REST update): {moved_after:.2f} s")
+            assert moved_after < 6.0
+
+            twiml = rest.updates(call_sid)[-1]["Twiml"]
+            url = re.search(r'<Stream url="([^"]+)"', twiml)
+            params = dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]+)"', twiml))
+            assert url is not None and url.group(1) == f"{second.url}/media/twilio"
+            assert params == {"call_id": call_id, "resume": "1"}
+
+            # Twilio follows the new TwiML: a new stream, same call, to the other worker.
+            requests_before = len(stack.openai.chat_requests)
+            phone = TwilioPhone(url.group(1), parameters=params, call_sid=call_sid)
+            async with phone:
+                # "Sorry about that, where were we?" - not the greeting again.
+                await phone.wait_for_media_after(0, within=15)
+                await phone.wait_until_quiet(0.4, within=15)
+                utterance = phone.say(caller_speech(SECOND))
+                await utterance.done.wait()
+                await phone.wait_for_media_after(utterance.ended_at or 0.0, within=15)
+                await phone.wait_until_quiet(0.4, within=15)
+
+            handle = stack.temporal.get_workflow_handle(call_id)
+            result = await asyncio.wait_for(handle.result(), 30)
+        finally:
+            await first.stop()
+            await second.stop()
+            await worker.stop()
+
+    assert result["status"] == "ended"
+    # The model's request on the second worker holds the conversation from the first.
+    request = stack.openai.chat_requests[requests_before].body["messages"]
+    said = [(m["role"], m.get("content")) for m in request if m["role"] != "system"]
+    assert said == [
+        ("assistant", GREETING),
+        ("user", FIRST),
+        ("assistant", FIRST_ANSWER),
+        ("assistant", RESUME_LINE),
+        ("user", SECOND),
+    ]
+
+    sync_engine = create_sync_engine(stack.settings)
+    with Session(sync_engine) as session:
+        turns = session.exec(
+            select(CallTurn).where(CallTurn.call_id == call_id).order_by(col(CallTurn.index))
+        ).all()
+    sync_engine.dispose()
+    assert [(t.index, t.speaker, t.text) for t in turns] == [
+        (0, "agent", GREETING),
+        (1, "caller", FIRST),
+        (2, "agent", FIRST_ANSWER),
+        (3, "agent", RESUME_LINE),
+        (4, "caller", SECOND),
+        (5, "agent", SECOND_ANSWER),
+    ]
