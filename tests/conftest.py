@@ -13,6 +13,7 @@ import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI
+from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from builder_engine.apikeys import create_org_api_key
@@ -131,3 +132,29 @@ def installed_binary(name: str) -> str:
     if found is None:
         raise RuntimeError(f"{name} is not installed; run the README's test command")
     return found
+
+
+@pytest.fixture(scope="module")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """Temporal's time-skipping test server, with the platform's search attributes."""
+    from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+
+    from builder_engine.config import SEARCH_ATTRIBUTES
+    from builder_engine.temporal_setup import INDEXED_VALUE_TYPES
+
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=installed_binary("temporal-test-server")
+    )
+    try:
+        # The test server lacks ListSearchAttributes, so register them blindly.
+        await env.client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(
+                namespace=env.client.namespace,
+                search_attributes={
+                    name: INDEXED_VALUE_TYPES[kind] for name, kind in SEARCH_ATTRIBUTES.items()
+                },
+            )
+        )
+        yield env
+    finally:
+        await env.shutdown()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlmodel import Session, select
 from temporalio.api.enums.v1 import EventType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -19,34 +17,13 @@ from temporalio.testing import WorkflowEnvironment
 from activities.call_moves import CallMoveActivities, resume_twiml
 from activities.calls import CallActivities
 from builder_engine.calls import CallStatus, EndedReason
-from builder_engine.config import SEARCH_ATTRIBUTES, Settings
+from builder_engine.config import Settings
 from builder_engine.db.engine import create_async_db_engine, create_sync_engine
 from builder_engine.db.models import Agent, Call, CallTurn, Organization
-from builder_engine.temporal_setup import INDEXED_VALUE_TYPES
-from conftest import installed_binary
 from workers.temporal_worker import build_worker
 from workflows import liveness
 from workflows.liveness import HISTORY_LIMIT, MAX_MOVES, ResumeState
 from workflows.types import CallStart, CommittedTurn
-
-
-@pytest.fixture(scope="module")
-async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=installed_binary("temporal-test-server")
-    )
-    try:
-        await env.client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(
-                namespace=env.client.namespace,
-                search_attributes={
-                    name: INDEXED_VALUE_TYPES[kind] for name, kind in SEARCH_ATTRIBUTES.items()
-                },
-            )
-        )
-        yield env
-    finally:
-        await env.shutdown()
 
 
 def _make_call(settings: Settings, transport: str) -> CallStart:
@@ -125,12 +102,12 @@ async def _signal(handle: WorkflowHandle[Any, Any], name: str, *args: Any) -> No
     "once a hang (issue 5 follow-up; passes when run alone)"
 )
 async def test_a_30_minute_call_continues_as_new_and_every_run_stays_small(
-    temporal_env: WorkflowEnvironment, db_settings: Settings
+    time_skipping_env: WorkflowEnvironment, db_settings: Settings
 ) -> None:
     """Heartbeats every second and a turn every 6 s for 30 minutes (one signal each,
     as the realtime session sends them): over 7,000 events in all, in runs of fewer than
     2,000, with the turns, the counters and the history carried over."""
-    client = temporal_env.client
+    client = time_skipping_env.client
     start = _make_call(db_settings, "twilio")
     engine = create_async_db_engine(db_settings)
     task_queue = f"calls-{uuid.uuid4().hex[:6]}"
@@ -150,7 +127,7 @@ async def test_a_30_minute_call_continues_as_new_and_every_run_stays_small(
                     if second % turn_every == 0:
                         await _signal(handle, "turns_committed", [_turn(turns)])
                         turns += 1
-                    await temporal_env.sleep(1)
+                    await time_skipping_env.sleep(1)
             latest = client.get_workflow_handle(start.call_id)
             state = await latest.query("resume_state", result_type=ResumeState)
             await latest.signal("ended", str(EndedReason.CALLER_HANGUP))
@@ -188,9 +165,9 @@ async def _move_calls(handle: WorkflowHandle[object, object]) -> int:
 
 
 async def test_missing_heartbeats_move_the_call_and_it_goes_on(
-    temporal_env: WorkflowEnvironment, db_settings: Settings
+    time_skipping_env: WorkflowEnvironment, db_settings: Settings
 ) -> None:
-    client = temporal_env.client
+    client = time_skipping_env.client
     start = _make_call(db_settings, "web")
     engine = create_async_db_engine(db_settings)
     task_queue = f"calls-{uuid.uuid4().hex[:6]}"
@@ -205,14 +182,14 @@ async def test_missing_heartbeats_move_the_call_and_it_goes_on(
             await handle.signal("answered")
             for _ in range(3):
                 await handle.signal("heartbeat")
-                await temporal_env.sleep(1)
+                await time_skipping_env.sleep(1)
             assert await _move_calls(handle) == 0
-            await temporal_env.sleep(5)  # the session died: no heartbeats
+            await time_skipping_env.sleep(5)  # the session died: no heartbeats
             assert await _move_calls(handle) == 1
             # The web client reconnected; the new session beats.
             for _ in range(5):
                 await handle.signal("heartbeat")
-                await temporal_env.sleep(1)
+                await time_skipping_env.sleep(1)
             assert await _move_calls(handle) == 1
             await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
             result = await handle.result()
@@ -222,11 +199,11 @@ async def test_missing_heartbeats_move_the_call_and_it_goes_on(
 
 
 async def test_a_call_whose_session_never_comes_back_ends_lost(
-    temporal_env: WorkflowEnvironment, db_settings: Settings, monkeypatch: pytest.MonkeyPatch
+    time_skipping_env: WorkflowEnvironment, db_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The time-skipping server does not skip these waits (they pass in real time): short.
     monkeypatch.setattr(liveness, "MOVE_GRACE", timedelta(seconds=1))
-    client = temporal_env.client
+    client = time_skipping_env.client
     start = _make_call(db_settings, "web")
     engine = create_async_db_engine(db_settings)
     task_queue = f"calls-{uuid.uuid4().hex[:6]}"

@@ -3,45 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import pytest
 from sqlmodel import Session, col, select
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from activities.calls import CallActivities
 from builder_engine.calls import CallStatus, EndedReason
-from builder_engine.config import SEARCH_ATTRIBUTES, Settings
+from builder_engine.config import Settings
 from builder_engine.db.engine import create_async_db_engine, create_sync_engine
 from builder_engine.db.models import Agent, Call, CallTurn, Organization
-from builder_engine.temporal_setup import INDEXED_VALUE_TYPES
-from conftest import installed_binary
 from workers.temporal_worker import build_worker
 from workflows.call import TURN_FLUSH_SIZE
 from workflows.types import CallStart, CommittedTurn
-
-
-@pytest.fixture(scope="module")
-async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=installed_binary("temporal-test-server")
-    )
-    try:
-        # The test server lacks ListSearchAttributes, so register them blindly.
-        await env.client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(
-                namespace=env.client.namespace,
-                search_attributes={
-                    name: INDEXED_VALUE_TYPES[kind] for name, kind in SEARCH_ATTRIBUTES.items()
-                },
-            )
-        )
-        yield env
-    finally:
-        await env.shutdown()
 
 
 def _make_call(settings: Settings) -> CallStart:
@@ -87,9 +62,9 @@ def _turn(index: int) -> CommittedTurn:
 
 
 async def test_call_workflow_records_the_call_and_batches_turns(
-    temporal_env: WorkflowEnvironment, db_settings: Settings
+    time_skipping_env: WorkflowEnvironment, db_settings: Settings
 ) -> None:
-    client: Client = temporal_env.client
+    client: Client = time_skipping_env.client
     start = _make_call(db_settings)
     engine = create_async_db_engine(db_settings)
     task_queue = f"calls-{uuid.uuid4().hex[:6]}"
