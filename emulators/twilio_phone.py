@@ -70,11 +70,14 @@ class TwilioPhone:
         self.closed = asyncio.Event()
         self._ws: ClientConnection | None = None
         self._outgoing: asyncio.Queue[tuple[bytes, Utterance | None]] = asyncio.Queue()
-        self._playback: list[tuple[str, Any]] = []  # ("audio", seconds) | ("mark", name)
+        # Marks waiting for the audio before them to play: (when it will have played, name).
+        self._marks: collections.deque[tuple[float, str]] = collections.deque()
         self._play_until = 0.0  # when the buffered agent audio will have played
+        self._last_media_at: float | None = None
+        self._media_waiters: list[tuple[float, asyncio.Future[float]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._sequence = 0
-        self._media_event = asyncio.Event()
+        self._marks_changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
     # ------------------------------------------------------------ connection
@@ -220,19 +223,19 @@ class TwilioPhone:
                 if event == "media":
                     audio = base64.b64decode(message["media"]["payload"])
                     self.received.append(Received(now, "media", payload=audio))
-                    start = max(self._play_until, now)
-                    self._play_until = start + len(audio) / 8000
-                    self._playback.append(("audio", self._play_until))
-                    self._media_event.set()
+                    self._play_until = max(self._play_until, now) + len(audio) / 8000
+                    self._last_media_at = now
+                    self._wake_media_waiters(now)
                 elif event == "mark":
                     name = message["mark"]["name"]
                     self.received.append(Received(now, "mark", name=name))
-                    self._playback.append(("mark", name))
-                    self._media_event.set()
+                    self._marks.append((self._play_until, name))
+                    self._marks_changed.set()
                 elif event == "clear":
                     self.received.append(Received(now, "clear"))
-                    pending = [item for kind, item in self._playback if kind == "mark"]
-                    self._playback.clear()
+                    pending = [name for _, name in self._marks]
+                    self._marks.clear()
+                    self._marks_changed.set()
                     self._play_until = now
                     for name in pending:
                         await self._echo_mark(name)
@@ -244,20 +247,32 @@ class TwilioPhone:
     async def _play(self) -> None:
         """Marks come back when the audio before them has played."""
         while True:
-            if not self._playback:
-                self._media_event.clear()
-                await self._media_event.wait()
+            self._marks_changed.clear()
+            if not self._marks:
+                await self._marks_changed.wait()
                 continue
-            kind, item = self._playback[0]
-            if kind == "audio":
-                delay = item - self._loop.time()
-                if delay > 0:
-                    await asyncio.sleep(min(delay, 0.01))
-                    continue
-                self._playback.pop(0)
+            due, name = self._marks[0]
+            delay = due - self._loop.time()
+            if delay > 0:
+                # Woken early by a `clear` (which echoes the marks itself) or a new mark.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._marks_changed.wait(), delay)
+                continue
+            self._marks.popleft()
+            await self._echo_mark(name)
+
+    def _wake_media_waiters(self, now: float) -> None:
+        if not self._media_waiters:
+            return
+        waiting = []
+        for since, future in self._media_waiters:
+            if future.done():
+                continue
+            if now >= since:
+                future.set_result(now)
             else:
-                self._playback.pop(0)
-                await self._echo_mark(item)
+                waiting.append((since, future))
+        self._media_waiters = waiting
 
     async def _echo_mark(self, name: str) -> None:
         self.marks_echoed.append(name)
@@ -285,26 +300,34 @@ class TwilioPhone:
         return [r for r in self.received if r.event == "media" and r.at >= t]
 
     def first_media_after(self, t: float) -> float | None:
-        media = self.media_after(t)
-        return media[0].at if media else None
+        first = None
+        for r in reversed(self.received):  # newest first: stop at the first one before t
+            if r.at < t:
+                break
+            if r.event == "media":
+                first = r.at
+        return first
 
     async def wait_for_media_after(self, t: float, within: float) -> float:
-        deadline = self._loop.time() + within
-        while True:
-            first = self.first_media_after(t)
-            if first is not None:
-                return first
-            if self._loop.time() > deadline:
-                raise TimeoutError("no agent audio arrived")
-            await asyncio.sleep(0.005)
+        first = self.first_media_after(t)
+        if first is not None:
+            return first
+        future: asyncio.Future[float] = self._loop.create_future()
+        self._media_waiters.append((t, future))
+        try:
+            return await asyncio.wait_for(future, within)
+        except TimeoutError:
+            raise TimeoutError("no agent audio arrived") from None
 
     async def wait_until_quiet(self, quiet_s: float, within: float) -> float:
         """Until no agent audio has arrived for ``quiet_s`` and playback finished."""
         deadline = self._loop.time() + within
-        while self._loop.time() < deadline:
-            media = [r.at for r in self.received if r.event == "media"]
+        while True:
             now = self._loop.time()
-            if media and now - media[-1] >= quiet_s and now >= self._play_until:
-                return media[-1]
-            await asyncio.sleep(0.02)
-        raise TimeoutError("the agent kept talking")
+            last = self._last_media_at
+            if last is not None and now - last >= quiet_s and now >= self._play_until:
+                return last
+            if now >= deadline:
+                raise TimeoutError("the agent kept talking")
+            quiet_at = (last if last is not None else now) + quiet_s
+            await asyncio.sleep(min(max(quiet_at, self._play_until) - now, deadline - now) + 0.001)

@@ -17,7 +17,7 @@ from builder_engine.calls import CallStatus
 from builder_engine.db.models import AgentVersion, Call
 from builder_engine.tools import ToolDef, load_agent_tools
 from realtime.lifecycle import CallLifecycle
-from realtime.media.vad import SileroModel, SileroVad
+from realtime.media.vad import SileroModel, SileroVad, VadBatcher
 from realtime.playout import OutboundMedia
 from realtime.providers.base import AudioFormat
 from realtime.recorder import StereoRecorder
@@ -102,6 +102,7 @@ class SessionFactory:
         self._resume_state = resume_state
         self.stats = stats or RealtimeStats()
         self._vad_model = vad_model or SileroModel()
+        self.vad_batcher = VadBatcher(self._vad_model)
         self._providers = providers
         self._lifecycle = lifecycle
         self._recordings_dir = recordings_dir
@@ -129,6 +130,7 @@ class SessionFactory:
             outbound,
             self._lifecycle(call.call_id),
             vad=SileroVad(vad_rate, model=self._vad_model),
+            vad_batcher=self.vad_batcher,
             recorder=recorder,
             stats=self.stats,
         )

@@ -25,7 +25,7 @@ from builder_engine.tools import ToolDef
 from realtime.conversation import Conversation
 from realtime.lifecycle import CallLifecycle
 from realtime.media.convert import AudioConverter, decode
-from realtime.media.vad import SileroVad
+from realtime.media.vad import SileroVad, VadBatcher
 from realtime.metrics import TurnMetrics
 from realtime.playout import OutboundMedia, Playout, SpokenSegment
 from realtime.providers.base import (
@@ -128,6 +128,7 @@ class CallSession:
         lifecycle: CallLifecycle,
         *,
         vad: SileroVad,
+        vad_batcher: VadBatcher | None = None,
         recorder: StereoRecorder | None = None,
         stats: RealtimeStats | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -158,6 +159,7 @@ class CallSession:
             on_first_frame=self._on_first_frame,
         )
         self._vad = vad
+        self._vad_batcher = vad_batcher
         vad_format = AudioFormat("pcm16", vad.sample_rate)
         self._to_vad = AudioConverter(fmt, vad_format)
         self._to_asr = AudioConverter(fmt, providers.asr.input_format)
@@ -309,11 +311,23 @@ class CallSession:
         if self._ended.is_set():
             return
         now = self.clock()
-        started, started_cpu = time.perf_counter(), time.thread_time()
+        # This frame's processing time, CPU and wall (a negative start, closed at the end).
+        cpu_s, wall_s = -time.thread_time(), -time.perf_counter()
         to_asr = self._to_asr.convert(audio)
         pcm = self._to_vad.convert_to_pcm(audio)
+        if self._vad_batcher is None:
+            probabilities = self._vad.process_windows(pcm)
+        else:
+            # The model runs once for the windows of every call of this loop turn; the
+            # frame is charged its share of that run, not the wait for the turn to end.
+            cpu_s, wall_s = cpu_s + time.thread_time(), wall_s + time.perf_counter()
+            probabilities = await self._vad.process_windows_batched(pcm, self._vad_batcher)
+            if self._ended.is_set():
+                return
+            share = self._vad.model_share_s
+            cpu_s, wall_s = cpu_s + share - time.thread_time(), wall_s + share - time.perf_counter()
         window_ms = self._vad.window_ms
-        for probability in self._vad.process_windows(pcm):
+        for probability in probabilities:
             start = self._vad_ms
             self._vad_ms += window_ms
             if self.tracker.push(probability, start, window_ms):
@@ -322,7 +336,7 @@ class CallSession:
         self._audio_ms += 1000.0 * len(pcm) / self._vad.sample_rate
         self.tracker.push_energy(rms_dbfs(pcm), frame_start_ms, self._audio_ms)
         self._audio_wall = now
-        self.stats.frame_processed(time.thread_time() - started_cpu, time.perf_counter() - started)
+        self.stats.frame_processed(cpu_s + time.thread_time(), wall_s + time.perf_counter())
         if self.recorder is not None:
             self.recorder.add_caller(self._recording_samples(audio, pcm))
         self._follow_turn()

@@ -316,3 +316,47 @@ def test_streams_share_one_model_and_match_the_reference_engine() -> None:
             got_b.extend(b.process_windows(signal[start : start + 160]))
     assert got_a == got_b
     assert np.allclose(got_a, expected[: len(got_a)], atol=1e-5)
+
+
+async def test_batched_streams_get_the_probabilities_they_would_get_alone() -> None:
+    """Many streams feeding one VadBatcher concurrently (different audio, different
+    chunk sizes, 8 and 16 kHz, so a flush holds 0, 1 or 2 windows per stream) get
+    exactly what each gets processed alone, and the model runs fewer times than there
+    are windows."""
+    import asyncio
+
+    from realtime.media.vad import VadBatcher
+
+    model = SileroModel()
+    batcher = VadBatcher(model)
+    rng = np.random.default_rng(11)
+    streams = []
+    for i in range(12):
+        rate = 8000 if i % 3 else 16000
+        audio = speech_like([0.2 + 0.05 * i, 0.3, 0.25], rate)
+        noise = (rng.standard_normal(rate // 4) * 200).astype(np.int16)
+        signal = np.concatenate([noise, audio, noise])
+        chunk = [160, 320, 700][i % 3] * rate // 8000
+        streams.append((rate, signal, chunk))
+
+    def alone(rate: int, signal: npt.NDArray[np.int16], chunk: int) -> list[float]:
+        with SileroVad(rate, model=model) as vad:
+            return [
+                p
+                for s in range(0, len(signal), chunk)
+                for p in vad.process_windows(signal[s : s + chunk])
+            ]
+
+    async def batched(rate: int, signal: npt.NDArray[np.int16], chunk: int) -> list[float]:
+        got: list[float] = []
+        with SileroVad(rate, model=model) as vad:
+            for s in range(0, len(signal), chunk):
+                got += await vad.process_windows_batched(signal[s : s + chunk], batcher)
+                assert vad.model_share_s >= 0.0
+        return got
+
+    results = await asyncio.gather(*(batched(*stream) for stream in streams))
+    for stream, got in zip(streams, results, strict=True):
+        assert np.allclose(got, alone(*stream), atol=1e-6)
+    assert batcher.windows == sum(len(r) for r in results)
+    assert batcher.runs < batcher.windows / 3

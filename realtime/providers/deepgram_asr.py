@@ -54,6 +54,10 @@ _log = logging.getLogger(__name__)
 NAME: Final = "deepgram"
 DEFAULT_MODEL: Final = "nova-3"
 _MAX_MESSAGE_BYTES: Final = 8000  # coalesce a backlog into messages of up to 1 s of audio
+#: Audio goes out in messages of about this much (Deepgram suggests 20-100 ms): one
+#: websocket message per 20 ms frame costs three times the CPU here and at the far end,
+#: and a Finalize flushes whatever is waiting, so the final result is not delayed.
+SEND_EVERY_MS: Final = 60.0
 
 SocketFactory = Callable[[], AbstractAsyncContextManager[AsyncV1SocketClient]]
 
@@ -109,6 +113,7 @@ class DeepgramAsr:
         connect_timeout_s: float = 5.0,
         close_timeout_s: float = 2.0,
         max_backlog_s: float = 10.0,
+        send_every_ms: float = SEND_EVERY_MS,
         keywords: Sequence[str] = (),
         client: AsyncDeepgramClient | None = None,
     ) -> None:
@@ -123,6 +128,7 @@ class DeepgramAsr:
         self.connect_timeout_s = connect_timeout_s
         self.close_timeout_s = close_timeout_s
         self.max_backlog_bytes = round(max_backlog_s * self.input_format.bytes_per_second)
+        self.send_bytes = max(1, round(send_every_ms / 1000 * self.input_format.bytes_per_second))
         self.keywords = tuple(keywords)  # the agent's; each stream may add its own
         # The registry builds providers per call, so construction must be cheap: the SDK's
         # default REST client would load TLS certificates (~15 ms of blocked event loop)
@@ -186,6 +192,7 @@ class DeepgramAsr:
             connect_timeout_s=self.connect_timeout_s,
             close_timeout_s=self.close_timeout_s,
             max_backlog_bytes=self.max_backlog_bytes,
+            send_bytes=self.send_bytes,
         )
 
 
@@ -200,12 +207,15 @@ class DeepgramStream:
         connect_timeout_s: float,
         close_timeout_s: float,
         max_backlog_bytes: int,
+        send_bytes: int = 1,
     ) -> None:
         self._connect = connect
         self._keepalive_s = keepalive_interval_s
         self._connect_timeout_s = connect_timeout_s
         self._close_timeout_s = close_timeout_s
         self._max_backlog = max_backlog_bytes
+        self._send_bytes = send_bytes
+        self._controls = 0  # Finalize / CloseStream waiting in the outbox
         self._outbox: deque[bytes | _Control] = deque()
         self._backlog = 0  # audio bytes waiting in the outbox
         self._wake = asyncio.Event()
@@ -232,7 +242,8 @@ class DeepgramStream:
             self._abort(ProviderError(NAME, "audio backlog: the connection is not keeping up"))
             return
         self._outbox.append(audio)
-        self._wake.set()
+        if self._backlog >= self._send_bytes:
+            self._wake.set()
 
     async def events(self) -> AsyncIterator[AsrEvent]:
         while True:
@@ -247,8 +258,7 @@ class DeepgramStream:
 
     async def finalize(self) -> None:
         if not (self._closing or self._failed):
-            self._outbox.append(_Control.FINALIZE)
-            self._wake.set()
+            self._push_control(_Control.FINALIZE)
 
     async def close(self) -> None:
         """Send CloseStream, let the last results arrive (up to ``close_timeout_s``), close.
@@ -259,8 +269,7 @@ class DeepgramStream:
         self._closing = True
         graceful = self._connected and not self._failed
         if first and graceful:
-            self._outbox.append(_Control.CLOSE)
-            self._wake.set()
+            self._push_control(_Control.CLOSE)
         await self._stop_runner(wait=graceful)
 
     async def __aenter__(self) -> Self:
@@ -275,6 +284,15 @@ class DeepgramStream:
         await self.close()
 
     # ------------------------------------------------------------ internals
+
+    def _push_control(self, control: _Control) -> None:
+        # Audio queued before it goes first (Finalize must cover every sample so far).
+        self._controls += 1
+        self._outbox.append(control)
+        self._wake.set()
+
+    def _ready(self) -> bool:
+        return self._controls > 0 or self._backlog >= self._send_bytes
 
     async def _stop_runner(self, *, wait: bool) -> None:
         # asyncio.wait neither cancels the runner on timeout nor re-raises its outcome, so
@@ -365,7 +383,7 @@ class DeepgramStream:
 
     async def _send_loop(self, socket: AsyncV1SocketClient) -> None:
         while True:
-            if not self._outbox:
+            if not self._ready():
                 self._wake.clear()
                 try:
                     async with asyncio.timeout(self._keepalive_s):
@@ -374,10 +392,14 @@ class DeepgramStream:
                     # Deepgram closes a stream that hears nothing for 10 s (NET-0001).
                     await socket.send_keep_alive()
                     continue
+            if not self._outbox:
+                continue  # a keep-alive went out; nothing else is waiting
             item = self._outbox.popleft()
             if isinstance(item, bytes):
                 await socket.send_media(self._coalesce(item))
-            elif item is _Control.FINALIZE:
+                continue
+            self._controls -= 1
+            if item is _Control.FINALIZE:
                 await socket.send_finalize()
             else:
                 await socket.send_close_stream()
