@@ -173,7 +173,14 @@ class PostCallActivities:
         path = recordings.local_path(settings.effective_recordings_dir, job.call_id)
         async with self._sessions() as session:
             call = await self._call(session, job)
-            if not await asyncio.to_thread(path.exists):
+            try:
+                # Each realtime session of the call wrote its own segment: one file now.
+                info = await asyncio.to_thread(
+                    recordings.assemble, settings.effective_recordings_dir, job.call_id
+                )
+            except ValueError as exc:
+                return RecordingResult("failed", detail=f"unreadable recording: {exc}")
+            if info is None:
                 if call.recording_url:  # a retried attempt after the upload
                     stored = await recordings.stat(call.recording_url)
                     if stored is not None:
@@ -181,12 +188,12 @@ class PostCallActivities:
                 return RecordingResult(
                     "missing", detail="the call left no recording in the recordings folder"
                 )
-            try:
-                info = await asyncio.to_thread(recordings.check_wav, path)
-            except ValueError as exc:
-                return RecordingResult("failed", detail=f"unreadable recording: {exc}")
             if info.repaired:
                 log.warning("call %s: repaired the recording's WAV header", job.call_id)
+            if info.segments > 1:
+                log.info(
+                    "call %s: joined the recordings of %d sessions", job.call_id, info.segments
+                )
             url = settings.recordings_url
             try:
                 if url and url.startswith("s3://"):

@@ -4,6 +4,15 @@ Signals are queued and sent by one background task per call; turns are sent in
 batches. The session only calls the non-blocking methods - except ``run_tools``, the
 one place the conversation itself waits on the workflow (for tool results), which the
 session awaits inside its answer task, never in the audio path.
+
+The other way round: the call's workflow can end while the session is live (a
+supervisor hung up a web call, the workflow was terminated, the call was given up as
+lost). Signals to a closed workflow fail with NOT_FOUND ("workflow execution already
+completed"); the lifecycle then describes the workflow and, once it is really closed -
+not a transient error, not a workflow that does not exist (yet), not a continue-as-new -
+reads the ended reason from its result and calls the session's ``on_workflow_closed``
+callback once. The heartbeat (every second from ``answered()``) is what notices, so a
+session learns of it within about one heartbeat interval after the workflow closed.
 """
 
 from __future__ import annotations
@@ -11,15 +20,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from temporalio.client import Client, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
+from builder_engine.calls import EndedReason
 from workflows.liveness import HEARTBEAT_INTERVAL_S
 from workflows.tools import ToolBatch, ToolBatchResult
-from workflows.types import CommittedTurn
+from workflows.types import CallState, CommittedTurn
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +45,11 @@ class CallLifecycle(Protocol):
     def commit_turn(self, turn: CommittedTurn) -> None: ...
 
     def ended(self, reason: str) -> None: ...
+
+    def on_workflow_closed(self, callback: Callable[[str], None]) -> None:
+        """Have ``callback(ended_reason)`` called (once) should the call's workflow close
+        while the session is live - before the session reported its own end."""
+        ...
 
     async def run_tools(self, batch: ToolBatch, *, timeout_s: float) -> ToolBatchResult:
         """Have the workflow run the tool calls; their results (raises ``TimeoutError``)."""
@@ -50,6 +70,19 @@ _TRANSIENT = frozenset(
 )
 
 
+_CLOSED = frozenset(
+    {
+        WorkflowExecutionStatus.COMPLETED,
+        WorkflowExecutionStatus.FAILED,
+        WorkflowExecutionStatus.CANCELED,
+        WorkflowExecutionStatus.TERMINATED,
+        WorkflowExecutionStatus.TIMED_OUT,
+    }
+)
+#: Longest wait for the describe and result calls that tell whether the workflow closed.
+CLOSED_CHECK_TIMEOUT_S = 5.0
+
+
 @dataclass(frozen=True)
 class _Signal:
     name: str
@@ -66,8 +99,13 @@ class TemporalCallLifecycle:
         *,
         batch_delay_s: float = 0.05,
         heartbeat_s: float | None = HEARTBEAT_INTERVAL_S,
+        on_workflow_closed: Callable[[str], None] | None = None,
     ) -> None:
-        self._handle = client.get_workflow_handle(call_id)
+        self._handle = client.get_workflow_handle(call_id, result_type=CallState)
+        self._on_closed = on_workflow_closed
+        #: The call's ended reason once its workflow is known to have closed.
+        self.workflow_closed: str | None = None
+        self._session_ended = False
         self._queue: asyncio.Queue[_Signal | None] = asyncio.Queue()
         self._batch_delay_s = batch_delay_s
         self._heartbeat_s = heartbeat_s
@@ -88,8 +126,12 @@ class TemporalCallLifecycle:
         self._queue.put_nowait(_Signal("turns_committed", turn))
 
     def ended(self, reason: str) -> None:
+        self._session_ended = True
         self._stop_heartbeat()
         self._queue.put_nowait(_Signal("ended", reason))
+
+    def on_workflow_closed(self, callback: Callable[[str], None]) -> None:
+        self._on_closed = callback
 
     async def _beat(self, interval_s: float) -> None:
         while True:
@@ -136,6 +178,9 @@ class TemporalCallLifecycle:
         except TimeoutError:
             log.error("gave up delivering call signals to %s", self._handle.id)
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._heartbeat is not None:
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
 
     async def _deliver(self) -> None:
         while True:
@@ -166,18 +211,58 @@ class TemporalCallLifecycle:
         if name == "heartbeat":
             self._heartbeat_queued = False
         for attempt in range(5):
+            if self.workflow_closed is not None:
+                return  # nobody listens any more
             try:
                 if arg is None:
                     await self._handle.signal(name)
                 else:
                     await self._handle.signal(name, arg)
                 return
+            except RPCError as exc:
+                if exc.status == RPCStatusCode.NOT_FOUND and await self._check_closed():
+                    log.info(
+                        "signal %s to %s dropped: its workflow has closed", name, self._handle.id
+                    )
+                    return
+                error: Exception = exc
             except Exception as exc:
-                log.warning(
-                    "signal %s to %s failed (%s), attempt %d",
-                    name,
-                    self._handle.id,
-                    exc,
-                    attempt + 1,
-                )
-                await asyncio.sleep(0.2 * 2**attempt)
+                error = exc
+            log.warning(
+                "signal %s to %s failed (%s), attempt %d", name, self._handle.id, error, attempt + 1
+            )
+            await asyncio.sleep(0.2 * 2**attempt)
+
+    async def _check_closed(self) -> bool:
+        """Has the call's workflow closed (for good)? If so, tell the session, once.
+
+        NOT_FOUND also means a workflow that does not exist (yet), and a closed run may
+        have continued as new: only a closed latest run counts. Errors asking are
+        transient: the next signal asks again."""
+        try:
+            async with asyncio.timeout(CLOSED_CHECK_TIMEOUT_S):
+                status = (await self._handle.describe()).status
+                if status not in _CLOSED:
+                    return False
+                reason: str = EndedReason.FAILED
+                if status == WorkflowExecutionStatus.COMPLETED:
+                    state = await self._handle.result()
+                    reason = state.ended_reason or EndedReason.FAILED
+                elif status == WorkflowExecutionStatus.CANCELED:
+                    reason = EndedReason.CANCELED
+        except Exception as exc:  # RPCError, TimeoutError, a result that does not decode
+            log.warning(
+                "call %s: could not tell whether its workflow closed: %s", self._handle.id, exc
+            )
+            return False
+        if self.workflow_closed is not None:
+            return True
+        self.workflow_closed = reason
+        self._stop_heartbeat()
+        log.info("call %s: its workflow has closed (%s)", self._handle.id, reason)
+        if self._on_closed is not None and not self._session_ended:
+            try:
+                self._on_closed(reason)
+            except Exception:
+                log.exception("call %s: the workflow-closed callback failed", self._handle.id)
+        return True

@@ -4,6 +4,11 @@ The caller's frames arrive continuously (carriers send silence too), so the coun
 caller samples is the recording's clock; agent audio is placed at the caller-clock
 position when it was sent. Audio is written every second, so memory stays flat
 however long the call lasts.
+
+One file per session: a call that moved here from a realtime worker that died has the
+first session's recording already, so this session writes the next segment beside it
+(``{call_id}.part2.wav``, ...; builder_engine/recordings.py), and the post-call
+finalization joins them.
 """
 
 from __future__ import annotations
@@ -14,15 +19,19 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from builder_engine.recordings import create_segment
+
 FLUSH_SECONDS = 1.0
 
 
 class StereoRecorder:
     def __init__(self, path: Path, sample_rate: int = 8000) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+        """``path``: the call's recording (``{call_id}.wav``). When it is there already
+        (an earlier session of the call), this session's audio goes to the next free
+        segment instead; ``self.path`` is the file written."""
+        self.path, self._file = create_segment(path)
         self.sample_rate = sample_rate
-        self._wav = wave.open(str(path), "wb")  # noqa: SIM115 - closed in close()
+        self._wav = wave.open(self._file, "wb")  # noqa: SIM115 - closed in close()
         self._wav.setnchannels(2)
         self._wav.setsampwidth(2)
         self._wav.setframerate(sample_rate)
@@ -84,6 +93,7 @@ class StereoRecorder:
                 self._caller_len = pending
             self._flush(self._caller_len)
             self._wav.close()
+            self._file.close()  # wave closes only the files it opened itself
             self._closed = True
         return self.path
 

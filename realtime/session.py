@@ -214,6 +214,8 @@ class CallSession:
             self._spawn(self.playout.run(), "playout")
             self._spawn(self._consume_transcripts(self._asr), "asr-events")
             self._max_timer = loop.call_later(self.config.max_duration_s, self._on_max_duration)
+            # The call's workflow ending first (a supervisor's hang-up) ends the session.
+            self.lifecycle.on_workflow_closed(self.end)
             self.lifecycle.answered()
             if self._resumed:
                 self.state.to(CallPhase.PROCESSING)

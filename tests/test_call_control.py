@@ -1,19 +1,25 @@
 """Call control against the whole running platform: silence timeout, time limit, end-call
-phrase, keypad input, hang-up mid-answer, backchannels and noise over the agent, and a
-caller who pauses mid-sentence. Each test makes its own agent, number and call on one
-shared stack; the caller is emulated Twilio sending real-time audio."""
+phrase, keypad input, hang-up mid-answer, backchannels and noise over the agent, a
+caller who pauses mid-sentence, and the call's workflow ending first (a supervisor's
+hang-up of a browser call, a terminated workflow). Each test makes its own agent, number
+and call on one shared stack; the caller is emulated Twilio sending real-time audio, or
+a browser on /media/web."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 from e2e import Stack, running_stack
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from emulators.openai import Reply
 from emulators.speech import caller_speech
@@ -417,3 +423,112 @@ async def test_a_pause_mid_sentence_gets_one_answer(harness: Harness) -> None:
         ("agent", GREETING, False),
         ("agent", BOOKED, False),
     ]
+
+
+# ---------------------------------------------------------------- the workflow ends first
+
+
+@dataclass
+class Browser:
+    """A browser on /media/web: 20 ms of silence every 20 ms, marks echoed at once;
+    notes the agent's audio and the server's control messages, and when the socket
+    closed."""
+
+    ws: ClientConnection
+    audio_at: list[float] = field(default_factory=list)
+    messages: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    closed_at: float | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        talking = asyncio.create_task(self._talk())
+        try:
+            async for message in self.ws:
+                now = loop.time()
+                if isinstance(message, bytes):
+                    self.audio_at.append(now)
+                    continue
+                event = json.loads(message)
+                self.messages.append((now, event))
+                if event["type"] == "mark":
+                    with contextlib.suppress(ConnectionClosed):
+                        await self.ws.send(json.dumps({"type": "mark", "name": event["name"]}))
+        finally:
+            self.closed_at = loop.time()
+            talking.cancel()
+            await asyncio.gather(talking, return_exceptions=True)
+
+    async def _talk(self) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with contextlib.suppress(ConnectionClosed):
+            for n in range(100_000):
+                await asyncio.sleep(max(0.0, start + n * 0.02 - loop.time()))
+                await self.ws.send(b"\x00" * 640)
+
+    async def greeted(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(15):
+            while not self.audio_at or loop.time() - self.audio_at[-1] < 0.5:
+                await asyncio.sleep(0.02)
+
+
+def live_tasks_of(call_id: str) -> list[str]:
+    """The realtime server's tasks for the call (it runs in this process)."""
+    return [t.get_name() for t in asyncio.all_tasks() if call_id in t.get_name() and not t.done()]
+
+
+async def test_a_supervisor_hang_up_ends_a_browser_call(harness: Harness) -> None:
+    stack = harness.stack
+    stack.deepgram.script = []
+    agent = await stack.create_agent(name="Web desk", first_message=GREETING)
+    created = await stack.api.post("/v1/calls/web", json={"agent_id": agent["id"]})
+    assert created.status_code == 201, created.text
+    web = created.json()
+    call_id = web["call_id"]
+    loop = asyncio.get_running_loop()
+    async with connect(web["websocket_url"]) as ws:
+        await ws.send(json.dumps({"type": "start", "call_id": call_id, "token": web["token"]}))
+        assert json.loads(await ws.recv())["type"] == "started"
+        browser = Browser(ws)
+        listening = asyncio.create_task(browser.run())
+        await browser.greeted()
+
+        asked = loop.time()
+        response = await stack.api.post(f"/v1/calls/{call_id}/hangup")
+        answered = loop.time()
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "ended"
+        # The session hears it from the workflow at its next heartbeat, says so and
+        # closes the socket.
+        await asyncio.wait_for(listening, 5)
+        assert browser.closed_at is not None
+        print(
+            f"hang-up answered in {answered - asked:.2f} s; "
+            f"socket closed {browser.closed_at - answered:.2f} s later"
+        )
+        assert browser.closed_at - answered < 3.0
+        assert ws.close_code == 1000
+        ended = [event for _, event in browser.messages if event["type"] != "mark"]
+        assert ended == [{"type": "ended", "reason": "supervisor-hangup"}]
+
+    call = await harness.ended_call(call_id)
+    assert call["ended_reason"] == "supervisor-hangup" and call["direction"] == "web"
+    assert turns_of(call) == [("agent", GREETING, False)]
+    # Nothing of the session is left running (timers, heartbeat, signal delivery).
+    await asyncio.sleep(0.2)
+    assert live_tasks_of(call_id) == []
+
+
+async def test_a_phone_call_whose_workflow_was_terminated_is_hung_up(harness: Harness) -> None:
+    phone, call_id = await harness.phone([])
+    loop = asyncio.get_running_loop()
+    async with phone:
+        await greeted(phone)
+        handle = harness.stack.temporal.get_workflow_handle(call_id)
+        await handle.terminate(reason="an operator ended it")
+        terminated = loop.time()
+        await phone.wait_closed_by_server(within=4)
+        print(f"workflow terminated -> stream closed: {loop.time() - terminated:.2f} s")
+    await asyncio.sleep(0.2)
+    assert live_tasks_of(call_id) == []

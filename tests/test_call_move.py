@@ -2,19 +2,24 @@
 misses its heartbeats within seconds and moves the call (a Twilio REST call update with
 new stream TwiML, to the emulator); the phone follows that TwiML like Twilio would, to a
 second realtime process, and the call goes on there with its history - the model's next
-request holds the earlier turns - and ends normally."""
+request holds the earlier turns - and ends normally. Each process recorded its part of the
+call (its own segment); the recording the API serves holds both, one after the other."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import re
 import sys
+import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import numpy as np
+import numpy.typing as npt
 import pytest
 from e2e import Stack, free_port, running_stack
 from pydantic import SecretStr
@@ -28,6 +33,7 @@ from emulators.speech import caller_speech
 from emulators.twilio_phone import TwilioPhone
 from emulators.twilio_rest import TwilioRestEmulator
 from realtime.resume import RESUME_LINE
+from workflows.post_call import PostCallResult
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +145,9 @@ async def test_a_realtime_worker_killed_mid_call_and_the_call_goes_on(stack: Sta
             phone = TwilioPhone(
                 f"{first.url}/media/twilio", parameters={"call_id": call_id}, call_sid=call_sid
             )
+            loop = asyncio.get_running_loop()
             async with phone:
+                first_connected = loop.time()
                 await phone.wait_for_media_after(0, within=15)
                 await phone.wait_until_quiet(0.4, within=15)
                 utterance = phone.say(caller_speech(FIRST))
@@ -151,7 +159,6 @@ async def test_a_realtime_worker_killed_mid_call_and_the_call_goes_on(stack: Sta
                 # The realtime process dies with the call live.
                 assert first.process is not None
                 first.process.kill()
-                loop = asyncio.get_running_loop()
                 killed_at = loop.time()
                 await first.process.wait()
 
@@ -172,6 +179,7 @@ async def test_a_realtime_worker_killed_mid_call_and_the_call_goes_on(stack: Sta
             requests_before = len(stack.openai.chat_requests)
             phone = TwilioPhone(url.group(1), parameters=params, call_sid=call_sid)
             async with phone:
+                second_connected = loop.time()
                 # "Sorry about that, where were we?" - not the greeting again.
                 await phone.wait_for_media_after(0, within=15)
                 await phone.wait_until_quiet(0.4, within=15)
@@ -179,9 +187,20 @@ async def test_a_realtime_worker_killed_mid_call_and_the_call_goes_on(stack: Sta
                 await utterance.done.wait()
                 await phone.wait_for_media_after(utterance.ended_at or 0.0, within=15)
                 await phone.wait_until_quiet(0.4, within=15)
+            second_s = loop.time() - second_connected
 
             handle = stack.temporal.get_workflow_handle(call_id)
             result = await asyncio.wait_for(handle.result(), 30)
+            # The post-call workflow (on the worker process) finalizes the recording.
+            post_call = stack.temporal.get_workflow_handle(
+                f"{call_id}-post-call", result_type=PostCallResult
+            )
+            async with asyncio.timeout(30):
+                while True:
+                    with contextlib.suppress(Exception):  # not started yet
+                        post_call_result = await post_call.result()
+                        break
+                    await asyncio.sleep(0.1)
         finally:
             await first.stop()
             await second.stop()
@@ -213,3 +232,34 @@ async def test_a_realtime_worker_killed_mid_call_and_the_call_goes_on(stack: Sta
         (4, "caller", SECOND),
         (5, "agent", SECOND_ANSWER),
     ]
+
+    # The recording: the first process's segment (up to its last flush before the kill,
+    # at most a second lost) and then the second's, joined into one.
+    first_s = killed_at - first_connected
+    recording = post_call_result.recording
+    assert recording.status == "stored" and recording.duration_s is not None
+    print(f"recording {recording.duration_s:.2f} s; sessions {first_s:.2f} s + {second_s:.2f} s")
+    assert first_s + second_s - 1.5 < recording.duration_s < first_s + second_s + 0.5
+    assert not list(stack.settings.effective_recordings_dir.glob(f"{call_id}.*.wav"))
+    served = await stack.api.get(f"/v1/calls/{call_id}/recording")
+    assert served.status_code == 200
+    with wave.open(io.BytesIO(served.content)) as wav:
+        assert wav.getnchannels() == 2 and wav.getframerate() == 8000
+        frames = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").reshape(-1, 2)
+    assert abs(len(frames) / 8000 - recording.duration_s) < 0.01
+    # Caller (left) and agent (right) are heard in both sessions' parts: the greeting,
+    # the first question and its answer before the kill; the resume line, the second
+    # question and its answer after it.
+    split = round((first_s - 1.2) * 8000)
+    tail = len(frames) - round((second_s - 0.3) * 8000)
+    for side in (0, 1):
+        assert voiced_s(frames[:split, side]) > 0.5, f"channel {side} of the first session"
+        assert voiced_s(frames[tail:, side]) > 0.5, f"channel {side} of the second session"
+
+
+def voiced_s(samples: npt.NDArray[np.int16]) -> float:
+    """Seconds of 20 ms windows with audible sound (above -40 dBFS)."""
+    usable = len(samples) // 160 * 160
+    windows = samples[:usable].astype(np.float64).reshape(-1, 160)
+    rms = np.sqrt((windows**2).mean(axis=1))
+    return float((rms > 328).sum()) * 0.02

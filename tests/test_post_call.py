@@ -422,6 +422,28 @@ def test_wav_check_repairs_a_torn_header(tmp_path: Path) -> None:
         recordings.local_path(tmp_path, "../etc/passwd")
 
 
+async def test_a_moved_calls_segments_are_joined_into_one_recording(
+    env: PostCallPlatform,
+) -> None:
+    """The call moved to another realtime worker mid-call: two sessions, two segments
+    (the first torn by the kill); the post-call workflow serves them as one recording."""
+    platform = env.platform
+    start = platform.add_call()
+    first = write_torn_wav(env.recordings_dir / f"{start.call_id}.wav", seconds=1.0)
+    part2 = env.recordings_dir / f"{start.call_id}.part2.wav"
+    second = write_torn_wav(part2, seconds=0.5)
+    result = await run_call(platform, start, CONVERSATION[:2])
+
+    assert result.recording.status == "stored" and result.recording.duration_s == 1.5
+    assert result.recording.location == (env.recordings_dir / f"{start.call_id}.wav").as_uri()
+    assert not part2.exists()
+    assert not list(env.recordings_dir.glob(f"{start.call_id}.*.wav"))
+    whole = await platform.api.get(f"/v1/calls/{start.call_id}/recording")
+    assert whole.status_code == 200 and whole.content[:4] == b"RIFF"
+    assert whole.content[44:] == first[44:] + second[44:]
+    assert struct.unpack("<I", whole.content[40:44])[0] == 12000 * 4
+
+
 def test_transcript_text_marks_interruptions_and_tools() -> None:
     t0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
     call = Call(

@@ -1,0 +1,232 @@
+"""The realtime lifecycle hears when the call's workflow has closed, on a real Temporal
+dev server: a closed workflow (completed with an ended reason, or terminated) is reported
+once through the session's callback, within about one heartbeat; a workflow that does
+not exist yet, or one that continued as new, is no end. Signals to a closed workflow
+are dropped at once (no retries holding up the session's teardown).
+
+The workflow here is a stand-in with the CallWorkflow's signal names and result type
+(the real one needs the database and activities; tests/test_call_control.py runs it
+end to end with a supervisor's hang-up)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from events_harness import dev_server
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+
+from builder_engine.calls import EndedReason
+from realtime.lifecycle import TemporalCallLifecycle
+from workflows.types import CallState, CommittedTurn
+
+BEAT_S = 0.2
+
+
+@workflow.defn(name="LifecycleProbe")
+class LifecycleProbe:
+    """Counts heartbeats; ``close`` ends it with a reason (as a supervisor's hang-up ends
+    a web call's workflow), ``renew`` makes it continue as new."""
+
+    def __init__(self) -> None:
+        self._beats = 0
+        self._closed: str | None = None
+        self._renew = False
+
+    @workflow.run
+    async def run(self, runs: int) -> CallState:
+        await workflow.wait_condition(lambda: self._closed is not None or self._renew)
+        if self._closed is None:
+            workflow.continue_as_new(runs + 1)
+        return CallState(status="ended", turns_committed=0, ended_reason=self._closed)
+
+    @workflow.signal
+    def answered(self) -> None: ...
+
+    @workflow.signal
+    def heartbeat(self) -> None:
+        self._beats += 1
+
+    @workflow.signal
+    def turns_committed(self, turns: list[CommittedTurn]) -> None: ...
+
+    @workflow.signal
+    def ended(self, reason: str) -> None:
+        self._closed = self._closed or reason
+
+    @workflow.signal
+    def close(self, reason: str) -> None:
+        self._closed = reason
+
+    @workflow.signal
+    def renew(self) -> None:
+        self._renew = True
+
+    @workflow.query
+    def beats(self) -> int:
+        return self._beats
+
+
+@dataclass
+class Temporal:
+    client: Client
+    task_queue: str
+
+    async def start(self, call_id: str) -> None:
+        await self.client.start_workflow(
+            "LifecycleProbe", 1, id=call_id, task_queue=self.task_queue
+        )
+
+    async def beats(self, call_id: str) -> int:
+        count: int = await self.client.get_workflow_handle(call_id).query("beats")
+        return count
+
+
+@pytest.fixture(scope="module")
+async def temporal() -> AsyncIterator[Temporal]:
+    env: WorkflowEnvironment
+    async with dev_server() as env:
+        queue = f"lifecycle-{secrets.token_hex(4)}"
+        async with Worker(
+            env.client,
+            task_queue=queue,
+            workflows=[LifecycleProbe],
+            workflow_runner=UnsandboxedWorkflowRunner(),
+        ):
+            yield Temporal(env.client, queue)
+
+
+class Told:
+    """The session's side: what the lifecycle reported, and when."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.event = asyncio.Event()
+        self.at = 0.0
+
+    def __call__(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.at = asyncio.get_running_loop().time()
+        self.event.set()
+
+
+def call_id() -> str:
+    return f"call_{secrets.token_hex(8)}"
+
+
+def lifecycle_tasks(call: str) -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if call in t.get_name() and not t.done()]
+
+
+async def beats_arrive(temporal: Temporal, call: str, more_than: int = 0) -> int:
+    async with asyncio.timeout(5):
+        while (count := await temporal.beats(call)) <= more_than:
+            await asyncio.sleep(0.05)
+    return count
+
+
+async def test_a_closed_workflow_ends_the_session_once_with_its_reason(
+    temporal: Temporal,
+) -> None:
+    call = call_id()
+    await temporal.start(call)
+    told = Told()
+    lifecycle = TemporalCallLifecycle(temporal.client, call, heartbeat_s=BEAT_S)
+    lifecycle.on_workflow_closed(told)
+    lifecycle.answered()
+    await beats_arrive(temporal, call)
+
+    loop = asyncio.get_running_loop()
+    await temporal.client.get_workflow_handle(call).signal("close", "supervisor-hangup")
+    closed_at = loop.time()
+    await asyncio.wait_for(told.event.wait(), 3)
+    print(f"workflow closed -> session told: {told.at - closed_at:.2f} s")
+    assert told.reasons == ["supervisor-hangup"]
+    assert told.at - closed_at < 2 * BEAT_S + 1.0
+    assert lifecycle.workflow_closed == "supervisor-hangup"
+
+    # The session ends: its last turn and its end go nowhere, at once, and nothing of
+    # the lifecycle is left running.
+    lifecycle.commit_turn(CommittedTurn(index=3, speaker="agent", text="So-", interrupted=True))
+    lifecycle.ended("supervisor-hangup")
+    started = loop.time()
+    await lifecycle.aclose()
+    assert loop.time() - started < 0.5
+    assert told.reasons == ["supervisor-hangup"]
+    assert lifecycle_tasks(call) == []
+
+
+async def test_a_terminated_workflow_ends_the_session_as_failed(temporal: Temporal) -> None:
+    call = call_id()
+    await temporal.start(call)
+    told = Told()
+    lifecycle = TemporalCallLifecycle(
+        temporal.client, call, heartbeat_s=BEAT_S, on_workflow_closed=told
+    )
+    lifecycle.answered()
+    await beats_arrive(temporal, call)
+    await temporal.client.get_workflow_handle(call).terminate(reason="operator")
+    await asyncio.wait_for(told.event.wait(), 3)
+    assert told.reasons == [EndedReason.FAILED]
+    lifecycle.ended(EndedReason.FAILED)
+    await lifecycle.aclose()
+    assert lifecycle_tasks(call) == []
+
+
+async def test_the_session_that_ended_itself_is_not_told(temporal: Temporal) -> None:
+    call = call_id()
+    await temporal.start(call)
+    told = Told()
+    lifecycle = TemporalCallLifecycle(
+        temporal.client, call, heartbeat_s=BEAT_S, on_workflow_closed=told
+    )
+    lifecycle.answered()
+    await beats_arrive(temporal, call)
+    lifecycle.ended(EndedReason.CALLER_HANGUP)
+    await lifecycle.aclose()
+    result = await temporal.client.get_workflow_handle(call, result_type=CallState).result()
+    assert result.ended_reason == EndedReason.CALLER_HANGUP
+    assert told.reasons == [] and lifecycle.workflow_closed is None
+
+
+async def test_continue_as_new_and_a_workflow_not_started_yet_are_no_end(
+    temporal: Temporal,
+) -> None:
+    # A long call's workflow continues as new: the heartbeats go on to the new run.
+    call = call_id()
+    await temporal.start(call)
+    told = Told()
+    lifecycle = TemporalCallLifecycle(
+        temporal.client, call, heartbeat_s=BEAT_S, on_workflow_closed=told
+    )
+    lifecycle.answered()
+    await beats_arrive(temporal, call)
+    handle = temporal.client.get_workflow_handle(call)
+    for _ in range(3):
+        await handle.signal("renew")
+        await beats_arrive(temporal, call)  # the new run's count starts at 0
+    assert told.reasons == []
+
+    # A session whose workflow is not there (yet): NOT_FOUND, but no end.
+    early = call_id()
+    told_early = Told()
+    waiting = TemporalCallLifecycle(
+        temporal.client, early, heartbeat_s=BEAT_S, on_workflow_closed=told_early
+    )
+    waiting.answered()
+    await asyncio.sleep(1.0)
+    await temporal.start(early)
+    await beats_arrive(temporal, early)
+    assert told_early.reasons == [] and waiting.workflow_closed is None
+
+    for lc, cid in ((lifecycle, call), (waiting, early)):
+        lc.ended(EndedReason.CALLER_HANGUP)
+        await lc.aclose()
+        assert lifecycle_tasks(cid) == []
+    assert told.reasons == [] and told_early.reasons == []
