@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import re
 
-_PHONE = re.compile(r"\+?\d[\d\s().-]{7,}\d")
+# A run of 9+ digits and separators standing on its own: not digits inside an id
+# (call_5f0e5100496c), and not a date or a time (see _NOT_A_PHONE).
+_PHONE = re.compile(r"(?<![\w.+-])(?<!\d:)\+?\(?\d[\d\s().-]{7,}\d(?![\w:])")
+_NOT_A_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[ T].*)?|\d+\.\d+")
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 
 
@@ -19,7 +22,12 @@ def redact_phone(number: str) -> str:
 
 def redact_text(text: str) -> str:
     text = _EMAIL.sub("***@***", text)
-    return _PHONE.sub(lambda m: redact_phone(m.group(0)), text)
+    return _PHONE.sub(_redact_match, text)
+
+
+def _redact_match(match: re.Match[str]) -> str:
+    found = match.group(0)
+    return found if _NOT_A_PHONE.fullmatch(found) else redact_phone(found)
 
 
 class PiiRedactingFilter(logging.Filter):
