@@ -161,14 +161,20 @@ class TwilioMediaHandler:
         self, websocket: WebSocket, stream_sid: str, session: CallSession, stats: StreamStats
     ) -> str:
         """Feed the session until Twilio stops, the socket drops or media stops coming."""
+        watchdog = _Watchdog(self.media_timeout_s)
         try:
             while True:
-                async with asyncio.timeout(self.media_timeout_s):
-                    text = await _receive(websocket)
+                text = await _receive(websocket)
+                watchdog.touch()
                 reason = await self._dispatch(text, stream_sid, session, stats)
                 if reason is not None:
                     return reason
-        except TimeoutError:
+        except asyncio.CancelledError:
+            if not watchdog.fired:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # our own timeout, not a cancellation from outside
             log.warning(
                 "call %s: no message for %.1f s, the stream is lost",
                 session.setup.call_id,
@@ -183,6 +189,8 @@ class TwilioMediaHandler:
             return EndedReason.CALLER_HANGUP
         except RuntimeError:
             return EndedReason.CALLER_HANGUP
+        finally:
+            watchdog.stop()
 
     async def _dispatch(
         self, text: str | bytes, stream_sid: str, session: CallSession, stats: StreamStats
@@ -214,6 +222,37 @@ class TwilioMediaHandler:
             if isinstance(event, tp.Unknown):
                 log.info("call %s: ignored an unknown event %r", call_id, event.event)
         return None
+
+
+class _Watchdog:
+    """Cancels the task that made it when ``touch`` has not been called for ``timeout_s``
+    - like wrapping each receive in ``asyncio.timeout``, without arming and cancelling a
+    timer for each of the 50 messages a second: one timer re-arms itself lazily."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._last = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(timeout_s, self._check)
+        self.fired = False
+
+    def touch(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        idle = self._loop.time() - self._last
+        if idle >= self._timeout_s and self._task is not None:
+            self.fired = True
+            self._timer = None
+            self._task.cancel()
+            return
+        self._timer = self._loop.call_later(self._timeout_s - idle, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def _receive(websocket: WebSocket) -> str | bytes:
