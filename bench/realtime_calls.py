@@ -5,8 +5,8 @@
 Starts a Temporal dev server, a Temporal worker and the realtime server as separate
 processes, the Deepgram / OpenAI / ElevenLabs emulators at fixed latencies (ASR final
 100 ms after the end of speech is decided, LLM first token 200 ms, TTS first byte
-150 ms) and N phones in this process. Each phone waits for the greeting, asks
-``--turns`` questions in real time (20 ms mu-law frames, marks echoed), then
+150 ms) in a process of their own, and N phones in this process. Each phone waits
+for the greeting, asks ``--turns`` questions in real time (20 ms mu-law frames, marks echoed), then
 interrupts a long answer. Measured on the phone side:
 
 * overhead: caller's last speech frame -> first frame of the answer, minus the
@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import secrets
 import socket
@@ -150,6 +151,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def temporal_server_pid() -> int | None:
+    """The Temporal dev server this process started (a child named ``temporal``)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            name, rest = stat.read_text().split(") ", 1)
+            if name.endswith("(temporal") and int(rest.split()[1]) == os.getpid():
+                return int(stat.parent.name)
+    return None
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -194,142 +205,179 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def emulator_script(turns: int, soak: bool) -> list[str] | Callable[[int, int], str]:
+    if soak:
+        return lambda _connection, _utterance: QUESTION
+    return [QUESTION] * turns + [LONG_QUESTION, BARGE_IN]
+
+
+async def serve_emulators(turns: int, token_interval_ms: float, soak: bool) -> None:
+    """The three provider emulators (``--serve-emulators``): their addresses as one JSON
+    line on stdout, then serve until stdin closes (the benchmark ended)."""
+    async with (
+        DeepgramEmulator(script=emulator_script(turns, soak), final_latency_ms=ASR_MS) as dg,
+        OpenAIEmulator(
+            [
+                Reply(when_last_user_contains="hours", text=ANSWER),
+                Reply(when_last_user_contains="services", text=LONG_ANSWER),
+                Reply(text="Of course."),
+            ],
+            first_token_latency_ms=LLM_MS,
+            token_interval_ms=token_interval_ms,
+        ) as oa,
+        ElevenLabsEmulator(first_byte_latency_ms=TTS_MS) as el,
+    ):
+        addresses = {
+            "OPENAI_API_KEY": oa.api_key or "x",
+            "OPENAI_BASE_URL": oa.base_url,
+            "DEEPGRAM_API_KEY": dg.api_key,
+            "DEEPGRAM_BASE_URL": dg.url,
+            "ELEVENLABS_API_KEY": el.api_key,
+            "ELEVENLABS_BASE_URL": el.url,
+        }
+        print(json.dumps(addresses), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+def start_emulators(
+    turns: int, token_interval_ms: float, soak: bool
+) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    argv = [sys.executable, __file__, "--serve-emulators", "--turns", str(turns)]
+    argv += ["--token-interval-ms", str(token_interval_ms)]
+    if soak:
+        argv += ["--soak-s", "1"]
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        raise RuntimeError("the emulator process did not start")
+    addresses: dict[str, str] = json.loads(line)
+    return process, addresses
+
+
 async def main(calls: int, turns: int, token_interval_ms: float, soak_s: float) -> None:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
         dev_server_log_level="error",
     )
     processes: list[subprocess.Popen[bytes]] = []
+    emulators, providers = start_emulators(turns, token_interval_ms, bool(soak_s))
     try:
         await ensure_search_attributes(env.client, env.client.namespace)
-        script: list[str] | Callable[[int, int], str] = [QUESTION] * turns + [
-            LONG_QUESTION,
-            BARGE_IN,
+        data = Path(tempfile.mkdtemp(prefix="bench-realtime-"))
+        port = free_port()
+        settings = Settings(
+            data_dir=data,
+            temporal_address=env.client.service_client.config.target_host,
+            temporal_task_queue="bench",
+            realtime_port=port,
+            _env_file=None,
+        )
+        upgrade(settings)
+        environ = {
+            **os.environ,
+            "BUILDER_DATA_DIR": str(data),
+            "BUILDER_TEMPORAL_ADDRESS": settings.effective_temporal_address,
+            "BUILDER_TEMPORAL_TASK_QUEUE": "bench",
+            "BUILDER_REALTIME_PORT": str(port),
+            "BUILDER_LOG_LEVEL": "warning",
+            **providers,
+        }
+        cli = [sys.executable, "-m", "workers.cli"]
+        processes.append(start_process([*cli, "worker"], environ))
+        processes.append(start_process([*cli, "serve", "realtime"], environ))
+        realtime = processes[-1]
+        await wait_http(f"http://127.0.0.1:{port}/healthz", 60)
+
+        engine = create_async_db_engine(settings)
+        sessions = session_factory(engine)
+        config = AgentConfig(
+            name="bench",
+            first_message="Hello, how can I help?",
+            turn={
+                "endpointing_ms": WINDOW_MS,
+                "interrupt_min_ms": 150,
+                "interrupt_min_words": 0,
+            },
+            silence_timeout_s=120,
+        )
+        call_ids: list[str] = []
+        async with sessions() as session:
+            org = Organization(name=f"bench-{secrets.token_hex(3)}")
+            session.add(org)
+            await session.flush()
+            agent = Agent(organization_id=org.id, name="bench", published_version=1)
+            session.add(agent)
+            await session.flush()
+            session.add(
+                AgentVersion(
+                    organization_id=org.id,
+                    agent_id=agent.id,
+                    version=1,
+                    config=config.model_dump(mode="json"),
+                )
+            )
+            await session.commit()
+            for _ in range(calls):
+                call = await create_call(
+                    session,
+                    env.client,
+                    "bench",
+                    agent=agent,
+                    version=1,
+                    direction="inbound",
+                    transport="twilio",
+                )
+                call_ids.append(call.id)
+        await engine.dispose()
+
+        question = caller_speech(QUESTION, 1.4)
+        long_question = caller_speech(LONG_QUESTION, 1.4)
+        barge_in = caller_speech(BARGE_IN, 1.2)
+        baseline_rss = rss_mb(realtime.pid)
+        others = {
+            "emulators": emulators.pid,
+            "worker": processes[0].pid,
+            "temporal": temporal_server_pid() or 0,
+        }
+        cpu_before = cpu_seconds(realtime.pid), time.process_time()
+        others_before = {name: cpu_seconds(pid) for name, pid in others.items() if pid}
+        url = f"ws://127.0.0.1:{port}/media/twilio"
+        started = time.monotonic()
+        soak_until = asyncio.get_running_loop().time() + soak_s if soak_s else None
+        tasks = [
+            asyncio.create_task(
+                run_call(
+                    url,
+                    call_id,
+                    turns,
+                    question,
+                    long_question,
+                    barge_in,
+                    delay=2.0 * i / calls,
+                    soak_until=soak_until,
+                )
+            )
+            for i, call_id in enumerate(call_ids)
         ]
-        if soak_s:
-            script = lambda _connection, _utterance: QUESTION  # noqa: E731
-        async with (
-            DeepgramEmulator(script=script, final_latency_ms=ASR_MS) as dg,
-            OpenAIEmulator(
-                [
-                    Reply(when_last_user_contains="hours", text=ANSWER),
-                    Reply(when_last_user_contains="services", text=LONG_ANSWER),
-                    Reply(text="Of course."),
-                ],
-                first_token_latency_ms=LLM_MS,
-                token_interval_ms=token_interval_ms,
-            ) as oa,
-            ElevenLabsEmulator(first_byte_latency_ms=TTS_MS) as el,
-        ):
-            data = Path(tempfile.mkdtemp(prefix="bench-realtime-"))
-            port = free_port()
-            settings = Settings(
-                data_dir=data,
-                temporal_address=env.client.service_client.config.target_host,
-                temporal_task_queue="bench",
-                realtime_port=port,
-                _env_file=None,
-            )
-            upgrade(settings)
-            environ = {
-                **os.environ,
-                "BUILDER_DATA_DIR": str(data),
-                "BUILDER_TEMPORAL_ADDRESS": settings.effective_temporal_address,
-                "BUILDER_TEMPORAL_TASK_QUEUE": "bench",
-                "BUILDER_REALTIME_PORT": str(port),
-                "BUILDER_LOG_LEVEL": "warning",
-                "OPENAI_API_KEY": oa.api_key or "x",
-                "OPENAI_BASE_URL": oa.base_url,
-                "DEEPGRAM_API_KEY": dg.api_key,
-                "DEEPGRAM_BASE_URL": dg.url,
-                "ELEVENLABS_API_KEY": el.api_key,
-                "ELEVENLABS_BASE_URL": el.url,
-            }
-            cli = [sys.executable, "-m", "workers.cli"]
-            processes.append(start_process([*cli, "worker"], environ))
-            processes.append(start_process([*cli, "serve", "realtime"], environ))
-            realtime = processes[-1]
-            await wait_http(f"http://127.0.0.1:{port}/healthz", 60)
-
-            engine = create_async_db_engine(settings)
-            sessions = session_factory(engine)
-            config = AgentConfig(
-                name="bench",
-                first_message="Hello, how can I help?",
-                turn={
-                    "endpointing_ms": WINDOW_MS,
-                    "interrupt_min_ms": 150,
-                    "interrupt_min_words": 0,
-                },
-                silence_timeout_s=120,
-            )
-            call_ids: list[str] = []
-            async with sessions() as session:
-                org = Organization(name=f"bench-{secrets.token_hex(3)}")
-                session.add(org)
-                await session.flush()
-                agent = Agent(organization_id=org.id, name="bench", published_version=1)
-                session.add(agent)
-                await session.flush()
-                session.add(
-                    AgentVersion(
-                        organization_id=org.id,
-                        agent_id=agent.id,
-                        version=1,
-                        config=config.model_dump(mode="json"),
-                    )
-                )
-                await session.commit()
-                for _ in range(calls):
-                    call = await create_call(
-                        session,
-                        env.client,
-                        "bench",
-                        agent=agent,
-                        version=1,
-                        direction="inbound",
-                        transport="twilio",
-                    )
-                    call_ids.append(call.id)
-            await engine.dispose()
-
-            question = caller_speech(QUESTION, 1.4)
-            long_question = caller_speech(LONG_QUESTION, 1.4)
-            barge_in = caller_speech(BARGE_IN, 1.2)
-            baseline_rss = rss_mb(realtime.pid)
-            cpu_before = cpu_seconds(realtime.pid), time.process_time()
-            url = f"ws://127.0.0.1:{port}/media/twilio"
-            started = time.monotonic()
-            soak_until = asyncio.get_running_loop().time() + soak_s if soak_s else None
-            tasks = [
-                asyncio.create_task(
-                    run_call(
-                        url,
-                        call_id,
-                        turns,
-                        question,
-                        long_question,
-                        barge_in,
-                        delay=2.0 * i / calls,
-                        soak_until=soak_until,
-                    )
-                )
-                for i, call_id in enumerate(call_ids)
-            ]
-            peak_rss = baseline_rss
-            samples: list[tuple[float, float]] = []
-            while not all(t.done() for t in tasks):
-                rss = rss_mb(realtime.pid)
-                peak_rss = max(peak_rss, rss)
-                samples.append((time.monotonic() - started, rss))
-                await asyncio.sleep(0.5)
-            results = [t.result() for t in tasks]
-            elapsed = time.monotonic() - started
-            realtime_cores = (cpu_seconds(realtime.pid) - cpu_before[0]) / elapsed
-            harness_cores = (time.process_time() - cpu_before[1]) / elapsed
-            async with httpx.AsyncClient() as client:
-                stats = (await client.get(f"http://127.0.0.1:{port}/stats")).json()
-            breakdown, platform = await latency_breakdown(settings)
+        peak_rss = baseline_rss
+        samples: list[tuple[float, float]] = []
+        while not all(t.done() for t in tasks):
+            rss = rss_mb(realtime.pid)
+            peak_rss = max(peak_rss, rss)
+            samples.append((time.monotonic() - started, rss))
+            await asyncio.sleep(0.5)
+        results = [t.result() for t in tasks]
+        elapsed = time.monotonic() - started
+        realtime_cores = (cpu_seconds(realtime.pid) - cpu_before[0]) / elapsed
+        harness_cores = (time.process_time() - cpu_before[1]) / elapsed
+        other_cores = {
+            name: (cpu_seconds(others[name]) - before) / elapsed
+            for name, before in others_before.items()
+        }
+        async with httpx.AsyncClient() as client:
+            stats = (await client.get(f"http://127.0.0.1:{port}/stats")).json()
+        breakdown, platform = await latency_breakdown(settings)
 
         errors = [r.error for r in results if r.error]
         overheads = [o for r in results for o in r.overheads_ms]
@@ -361,7 +409,9 @@ async def main(calls: int, turns: int, token_interval_ms: float, soak_s: float) 
             )
         print(
             f"cpu: realtime process {realtime_cores:.2f} cores, "
-            f"phones + emulators {harness_cores:.2f} cores (2 on this machine)"
+            f"phones {harness_cores:.2f}, "
+            + ", ".join(f"{name} {cores:.2f}" for name, cores in other_cores.items())
+            + " (2 cores on this machine)"
         )
         print(
             f"platform overhead (server-side, provider waits excluded): "
@@ -377,11 +427,16 @@ async def main(calls: int, turns: int, token_interval_ms: float, soak_s: float) 
             f"max_gap_ms={max_gap:.1f} rss_per_call_mb={rss_per_call:.2f}"
         )
     finally:
+        assert emulators.stdin is not None
+        emulators.stdin.close()
+        emulators.wait(10)
         for process in processes:
             process.terminate()
         for process in processes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
                 process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
         await env.shutdown()
 
 
@@ -395,6 +450,7 @@ if __name__ == "__main__":
         default=10.0,
         help="time between the emulated LLM's tokens (the first sentence waits for them)",
     )
+    parser.add_argument("--serve-emulators", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--soak-s",
         type=float,
@@ -402,6 +458,9 @@ if __name__ == "__main__":
         help="keep every call asking questions for this long (memory soak); no barge-in",
     )
     args = parser.parse_args()
+    if args.serve_emulators:
+        asyncio.run(serve_emulators(args.turns, args.token_interval_ms, bool(args.soak_s)))
+        sys.exit(0)
     asyncio.run(main(args.calls, args.turns, args.token_interval_ms, args.soak_s))
     sys.stdout.flush()
     os._exit(0)  # the Temporal SDK can crash at interpreter exit (sdk-python #300)

@@ -109,9 +109,15 @@ class VoiceTracker:
         window. Unlike ``speech_ms`` it does not grow in the silence after a short sound,
         so a cough cannot become "long speech" by waiting."""
         onset = self.speech_onset_ms
-        if onset is None or self.last_voice_end_ms is None:
+        end = self.last_voice_end_ms
+        if onset is None or end is None:
             return 0.0
-        return max(0.0, self.last_voice_end_ms - onset)
+        loud_end = self.last_loud_end_ms
+        if self.in_speech and loud_end is not None and end < loud_end <= end + 100.0:
+            # Confirmed speech going on: the frames after the last model window are as
+            # good as voiced, and 20 ms fresher than waiting for the next 32 ms window.
+            end = loud_end
+        return max(0.0, end - onset)
 
     @property
     def speech_onset_ms(self) -> float | None:

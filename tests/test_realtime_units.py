@@ -76,6 +76,26 @@ def test_voice_tracker_confirms_speech_and_measures_pauses() -> None:
     assert tracker.last_voice_end_ms == 64 + 5 * 32
 
 
+def test_voiced_time_of_confirmed_speech_counts_the_loud_frames_after_the_last_window() -> None:
+    tracker = VoiceTracker(min_speech_ms=96)
+    t = 0.0
+    for _ in range(4):  # 128 ms of voice: confirmed
+        tracker.push_energy(-20.0, t, t + 20)
+        tracker.push_energy(-20.0, t + 20, t + 32)
+        tracker.push(0.9, t, 32)
+        t += 32
+    assert tracker.in_speech and tracker.voiced_ms() == 128
+    # Two more loud 20 ms frames; the model's next window is not complete yet.
+    tracker.push_energy(-20.0, 128, 148)
+    tracker.push_energy(-20.0, 148, 168)
+    assert tracker.voiced_ms() == 168
+    # Before speech is confirmed, loud frames alone count for nothing.
+    fresh = VoiceTracker(min_speech_ms=96)
+    fresh.push(0.9, 0, 32)
+    fresh.push_energy(-20.0, 32, 52)
+    assert not fresh.in_speech and fresh.voiced_ms() == 32
+
+
 def test_numbers_get_more_patience_and_backchannels_do_not_interrupt() -> None:
     policy = TurnPolicy.from_config(
         TurnConfig(
