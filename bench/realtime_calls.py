@@ -179,6 +179,34 @@ async def wait_http(url: str, within: float) -> None:
     raise TimeoutError(url)
 
 
+async def first_sentence_times(settings: Settings, call_ids: list[str]) -> list[list[float]]:
+    """Per call, per answer (greeting excluded, oldest first): how long the emulated LLM
+    took from its first token to the end of the first sentence, which is when sentence-
+    level TTS can start - provider time that the issue's overhead formula leaves in."""
+    from sqlmodel import select
+
+    from builder_engine.db.models import CallTurn
+
+    engine = create_async_db_engine(settings)
+    async with session_factory(engine)() as session:
+        turns = (await session.exec(select(CallTurn).where(CallTurn.speaker == "agent"))).all()
+    await engine.dispose()
+    by_call: dict[str, list[CallTurn]] = {}
+    for turn in sorted(turns, key=lambda t: t.index):
+        by_call.setdefault(turn.call_id, []).append(turn)
+    times: list[list[float]] = []
+    for call_id in call_ids:
+        answers = [t.latency for t in by_call.get(call_id, []) if "llm_first_token_ms" in t.latency]
+        times.append(
+            [
+                a["first_sentence_ms"] - a["llm_first_token_ms"]
+                for a in answers
+                if "first_sentence_ms" in a
+            ]
+        )
+    return times
+
+
 async def latency_breakdown(
     settings: Settings,
 ) -> tuple[dict[str, float], tuple[float, float]]:
@@ -378,9 +406,18 @@ async def main(calls: int, turns: int, token_interval_ms: float, soak_s: float) 
         async with httpx.AsyncClient() as client:
             stats = (await client.get(f"http://127.0.0.1:{port}/stats")).json()
         breakdown, platform = await latency_breakdown(settings)
+        sentence_times = await first_sentence_times(settings, call_ids)
 
         errors = [r.error for r in results if r.error]
         overheads = [o for r in results for o in r.overheads_ms]
+        # The same turns, less their first sentence's generation (matched per call, in
+        # order; a call whose turns do not line up is left out).
+        net = [
+            o - g
+            for r, gen in zip(results, sentence_times, strict=True)
+            if len(gen) >= len(r.overheads_ms)
+            for o, g in zip(r.overheads_ms, gen, strict=False)
+        ]
         bargeins = [b for r in results for b in r.bargein_ms]
         print(f"calls: {calls} x {turns} turns + barge-in, {elapsed:.1f} s, errors: {len(errors)}")
         for error in errors[:5]:
@@ -388,6 +425,10 @@ async def main(calls: int, turns: int, token_interval_ms: float, soak_s: float) 
         print(
             f"overhead ms: n={len(overheads)} p50={percentile(overheads, 50):.1f} "
             f"p95={percentile(overheads, 95):.1f} max={max(overheads, default=0):.1f}"
+        )
+        print(
+            f"overhead less the first sentence's generation ms: n={len(net)} "
+            f"p50={percentile(net, 50):.1f} p95={percentile(net, 95):.1f}"
         )
         print(
             f"barge-in ms: n={len(bargeins)} p50={percentile(bargeins, 50):.1f} "
