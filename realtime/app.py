@@ -19,6 +19,7 @@ from builder_engine.config import Settings
 from builder_engine.db.engine import create_async_db_engine, session_factory
 from builder_engine.temporal_setup import connect
 from realtime.calls import CallLoader, ProviderFactory, SessionFactory
+from realtime.instance import RealtimeInstance
 from realtime.lifecycle import CallLifecycle, TemporalCallLifecycle
 from realtime.providers.registry import ProviderRegistry, ProviderResources
 from realtime.stats import RealtimeStats
@@ -41,9 +42,12 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_async_db_engine(settings)
         temporal: Client = await connect(settings)
+        # Running before the first call: a CallWorkflow tells it about its call at once.
+        instance = RealtimeInstance(temporal, settings.temporal_task_queue)
+        await instance.start()
 
         def lifecycle(call_id: str) -> CallLifecycle:
-            return TemporalCallLifecycle(temporal, call_id)
+            return TemporalCallLifecycle(temporal, call_id, instance=instance)
 
         async def resume_state(call_id: str) -> ResumeState:
             handle = temporal.get_workflow_handle(call_id)
@@ -66,6 +70,7 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
         try:
             yield
         finally:
+            await instance.aclose()
             await resources.aclose()
             await engine.dispose()
 

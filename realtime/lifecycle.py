@@ -5,14 +5,19 @@ batches. The session only calls the non-blocking methods - except ``run_tools``,
 one place the conversation itself waits on the workflow (for tool results), which the
 session awaits inside its answer task, never in the audio path.
 
-The other way round: the call's workflow can end while the session is live (a
-supervisor hung up a web call, the workflow was terminated, the call was given up as
-lost). Signals to a closed workflow fail with NOT_FOUND ("workflow execution already
-completed"); the lifecycle then describes the workflow and, once it is really closed -
-not a transient error, not a workflow that does not exist (yet), not a continue-as-new -
-reads the ended reason from its result and calls the session's ``on_workflow_closed``
-callback once. The heartbeat (every second from ``answered()``) is what notices, so a
-session learns of it within about one heartbeat interval after the workflow closed.
+The other way round: the call's workflow can end the session. A supervisor who hangs up
+a web call (no carrier to tell) has the workflow send an ``end`` command through this
+process's RealtimeInstanceWorkflow (realtime/instance.py); it arrives with the next
+beat, within about a second, and the lifecycle calls the session's
+``on_workflow_closed`` callback with the reason. And should the workflow have closed
+anyway (terminated, given up as lost), signals to it fail with NOT_FOUND ("workflow
+execution already completed"); the lifecycle then describes the workflow and, once it
+is really closed - not a transient error, not a workflow that does not exist (yet), not
+a continue-as-new - reads the ended reason from its result and calls the same
+callback, once.
+
+Liveness is not per call: the process beats once for all of its calls (see
+workflows/instances.py); ``answered`` tells the CallWorkflow which process serves it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from builder_engine.calls import EndedReason
-from workflows.liveness import HEARTBEAT_INTERVAL_S
+from realtime.instance import WORKFLOW_CLOSED, RealtimeInstance
+from workflows.instances import SessionCommand, SessionStarted
 from workflows.tools import ToolBatch, ToolBatchResult
 from workflows.types import CallState, CommittedTurn
 
@@ -98,7 +104,7 @@ class TemporalCallLifecycle:
         call_id: str,
         *,
         batch_delay_s: float = 0.05,
-        heartbeat_s: float | None = HEARTBEAT_INTERVAL_S,
+        instance: RealtimeInstance | None = None,
         on_workflow_closed: Callable[[str], None] | None = None,
     ) -> None:
         self._handle = client.get_workflow_handle(call_id, result_type=CallState)
@@ -108,41 +114,54 @@ class TemporalCallLifecycle:
         self._session_ended = False
         self._queue: asyncio.Queue[_Signal | None] = asyncio.Queue()
         self._batch_delay_s = batch_delay_s
-        self._heartbeat_s = heartbeat_s
-        self._heartbeat: asyncio.Task[None] | None = None
-        self._heartbeat_queued = False
+        self._instance = instance
+        self._closing_check: asyncio.Task[bool] | None = None
         self._task = asyncio.create_task(self._deliver(), name=f"lifecycle-{call_id}")
 
     def answered(self) -> None:
-        self._queue.put_nowait(_Signal("answered"))
-        if self._heartbeat_s is not None and self._heartbeat is None:
-            # From now on the workflow watches this session: it moves the call should the
-            # heartbeats stop (this process died).
-            self._heartbeat = asyncio.create_task(
-                self._beat(self._heartbeat_s), name=f"heartbeat-{self._handle.id}"
-            )
+        instance = self._instance
+        if instance is None:
+            self._queue.put_nowait(_Signal("answered"))
+            return
+        # From now on the workflow watches this process's beats for the call, and this
+        # session hears the commands its workflow sends.
+        instance.register(self._handle.id, self._on_command)
+        self._queue.put_nowait(_Signal("answered", SessionStarted(instance.instance_id)))
 
     def commit_turn(self, turn: CommittedTurn) -> None:
         self._queue.put_nowait(_Signal("turns_committed", turn))
 
     def ended(self, reason: str) -> None:
         self._session_ended = True
-        self._stop_heartbeat()
+        self._leave_instance()
         self._queue.put_nowait(_Signal("ended", reason))
 
     def on_workflow_closed(self, callback: Callable[[str], None]) -> None:
         self._on_closed = callback
 
-    async def _beat(self, interval_s: float) -> None:
-        while True:
-            if not self._heartbeat_queued:  # one waiting is enough
-                self._heartbeat_queued = True
-                self._queue.put_nowait(_Signal("heartbeat"))
-            await asyncio.sleep(interval_s)
+    def _leave_instance(self) -> None:
+        if self._instance is not None:
+            self._instance.unregister(self._handle.id)
 
-    def _stop_heartbeat(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+    def _on_command(self, command: SessionCommand) -> None:
+        if command.action == WORKFLOW_CLOSED:
+            # Its run closed: for good (terminated, say), or continued as new? Ask.
+            if self._closing_check is None or self._closing_check.done():
+                self._closing_check = asyncio.create_task(self._check_closed())
+            return
+        if command.action != "end":
+            log.warning("call %s: unknown command %r ignored", self._handle.id, command.action)
+            return
+        log.info("call %s: its workflow ends the call (%s)", self._handle.id, command.reason)
+        self._tell_session(command.reason)
+
+    def _tell_session(self, reason: str) -> None:
+        if self._on_closed is not None and not self._session_ended:
+            self._session_ended = True
+            try:
+                self._on_closed(reason)
+            except Exception:
+                log.exception("call %s: the end callback failed", self._handle.id)
 
     async def run_tools(self, batch: ToolBatch, *, timeout_s: float) -> ToolBatchResult:
         """The ``run_tools`` Update, asked again with the same update id until it answers:
@@ -171,7 +190,7 @@ class TemporalCallLifecycle:
         return await asyncio.wait_for(ask(), timeout_s)
 
     async def aclose(self) -> None:
-        self._stop_heartbeat()
+        self._leave_instance()
         self._queue.put_nowait(None)
         try:
             await asyncio.wait_for(asyncio.shield(self._task), 10.0)
@@ -179,8 +198,8 @@ class TemporalCallLifecycle:
             log.error("gave up delivering call signals to %s", self._handle.id)
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._heartbeat is not None:
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self._closing_check is not None:
+            await asyncio.gather(self._closing_check, return_exceptions=True)
 
     async def _deliver(self) -> None:
         while True:
@@ -208,8 +227,6 @@ class TemporalCallLifecycle:
             await self._send(item.name, item.arg)
 
     async def _send(self, name: str, arg: object | None) -> None:
-        if name == "heartbeat":
-            self._heartbeat_queued = False
         for attempt in range(5):
             if self.workflow_closed is not None:
                 return  # nobody listens any more
@@ -258,11 +275,7 @@ class TemporalCallLifecycle:
         if self.workflow_closed is not None:
             return True
         self.workflow_closed = reason
-        self._stop_heartbeat()
+        self._leave_instance()
         log.info("call %s: its workflow has closed (%s)", self._handle.id, reason)
-        if self._on_closed is not None and not self._session_ended:
-            try:
-                self._on_closed(reason)
-            except Exception:
-                log.exception("call %s: the workflow-closed callback failed", self._handle.id)
+        self._tell_session(reason)
         return True

@@ -134,9 +134,18 @@ def installed_binary(name: str) -> str:
     return found
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
-    """Temporal's time-skipping test server, with the platform's search attributes."""
+    """Temporal's time-skipping test server, with the platform's search attributes; one
+    per test.
+
+    The test server (sdk-java's) leaks a time-skipping lock whenever a child workflow
+    completes after its parent has closed: the child's completion locks the clock until
+    the parent records it, and a closed parent never does. Every call's PostCallWorkflow
+    is such a child (abandoned, it outlives its CallWorkflow), so once a call has ended on
+    a shared server its clock no longer skips: ``env.sleep`` and every timer pass in real
+    time.
+    """
     from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 
     from builder_engine.config import SEARCH_ATTRIBUTES

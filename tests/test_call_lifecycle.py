@@ -1,8 +1,9 @@
-"""The realtime lifecycle hears when the call's workflow has closed, on a real Temporal
-dev server: a closed workflow (completed with an ended reason, or terminated) is reported
-once through the session's callback, within about one heartbeat; a workflow that does
-not exist yet, or one that continued as new, is no end. Signals to a closed workflow
-are dropped at once (no retries holding up the session's teardown).
+"""The realtime lifecycle hears when the call's workflow ends the call or has closed, on a
+real Temporal dev server: an ``end`` command through the process's instance workflow,
+and a closed workflow (completed with an ended reason, or terminated) found by the
+process's periodic check, are reported once through the session's callback; a workflow
+that does not exist yet, or one that continued as new, is no end. Signals to a closed
+workflow are dropped at once (no retries holding up the session's teardown).
 
 The workflow here is a stand-in with the CallWorkflow's signal names and result type
 (the real one needs the database and activities; tests/test_call_control.py runs it
@@ -23,16 +24,23 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from builder_engine.calls import EndedReason
+from realtime.instance import RealtimeInstance
 from realtime.lifecycle import TemporalCallLifecycle
+from workflows.instances import (
+    RealtimeInstanceWorkflow,
+    SessionCommand,
+    SessionStarted,
+    instance_workflow_id,
+)
 from workflows.types import CallState, CommittedTurn
 
-BEAT_S = 0.2
+CHECK_S = 0.3
 
 
 @workflow.defn(name="LifecycleProbe")
 class LifecycleProbe:
-    """Counts heartbeats; ``close`` ends it with a reason (as a supervisor's hang-up ends
-    a web call's workflow), ``renew`` makes it continue as new."""
+    """Counts ``answered`` signals; ``close`` ends it with a reason (as a CallWorkflow ends),
+    ``renew`` makes it continue as new."""
 
     def __init__(self) -> None:
         self._beats = 0
@@ -47,10 +55,7 @@ class LifecycleProbe:
         return CallState(status="ended", turns_committed=0, ended_reason=self._closed)
 
     @workflow.signal
-    def answered(self) -> None: ...
-
-    @workflow.signal
-    def heartbeat(self) -> None:
+    def answered(self, session: SessionStarted | None = None) -> None:
         self._beats += 1
 
     @workflow.signal
@@ -77,6 +82,7 @@ class LifecycleProbe:
 class Temporal:
     client: Client
     task_queue: str
+    instance: RealtimeInstance
 
     async def start(self, call_id: str) -> None:
         await self.client.start_workflow(
@@ -96,10 +102,15 @@ async def temporal() -> AsyncIterator[Temporal]:
         async with Worker(
             env.client,
             task_queue=queue,
-            workflows=[LifecycleProbe],
+            workflows=[LifecycleProbe, RealtimeInstanceWorkflow],
             workflow_runner=UnsandboxedWorkflowRunner(),
         ):
-            yield Temporal(env.client, queue)
+            instance = RealtimeInstance(env.client, queue, closed_check_s=CHECK_S)
+            await instance.start()
+            try:
+                yield Temporal(env.client, queue, instance)
+            finally:
+                await instance.aclose()
 
 
 class Told:
@@ -137,7 +148,7 @@ async def test_a_closed_workflow_ends_the_session_once_with_its_reason(
     call = call_id()
     await temporal.start(call)
     told = Told()
-    lifecycle = TemporalCallLifecycle(temporal.client, call, heartbeat_s=BEAT_S)
+    lifecycle = TemporalCallLifecycle(temporal.client, call, instance=temporal.instance)
     lifecycle.on_workflow_closed(told)
     lifecycle.answered()
     await beats_arrive(temporal, call)
@@ -148,7 +159,7 @@ async def test_a_closed_workflow_ends_the_session_once_with_its_reason(
     await asyncio.wait_for(told.event.wait(), 3)
     print(f"workflow closed -> session told: {told.at - closed_at:.2f} s")
     assert told.reasons == ["supervisor-hangup"]
-    assert told.at - closed_at < 2 * BEAT_S + 1.0
+    assert told.at - closed_at < CHECK_S + 1.5
     assert lifecycle.workflow_closed == "supervisor-hangup"
 
     # The session ends: its last turn and its end go nowhere, at once, and nothing of
@@ -167,7 +178,7 @@ async def test_a_terminated_workflow_ends_the_session_as_failed(temporal: Tempor
     await temporal.start(call)
     told = Told()
     lifecycle = TemporalCallLifecycle(
-        temporal.client, call, heartbeat_s=BEAT_S, on_workflow_closed=told
+        temporal.client, call, instance=temporal.instance, on_workflow_closed=told
     )
     lifecycle.answered()
     await beats_arrive(temporal, call)
@@ -184,7 +195,7 @@ async def test_the_session_that_ended_itself_is_not_told(temporal: Temporal) -> 
     await temporal.start(call)
     told = Told()
     lifecycle = TemporalCallLifecycle(
-        temporal.client, call, heartbeat_s=BEAT_S, on_workflow_closed=told
+        temporal.client, call, instance=temporal.instance, on_workflow_closed=told
     )
     lifecycle.answered()
     await beats_arrive(temporal, call)
@@ -198,26 +209,28 @@ async def test_the_session_that_ended_itself_is_not_told(temporal: Temporal) -> 
 async def test_continue_as_new_and_a_workflow_not_started_yet_are_no_end(
     temporal: Temporal,
 ) -> None:
-    # A long call's workflow continues as new: the heartbeats go on to the new run.
+    # A long call's workflow continues as new: its closed first run is no end.
     call = call_id()
     await temporal.start(call)
     told = Told()
     lifecycle = TemporalCallLifecycle(
-        temporal.client, call, heartbeat_s=BEAT_S, on_workflow_closed=told
+        temporal.client, call, instance=temporal.instance, on_workflow_closed=told
     )
     lifecycle.answered()
     await beats_arrive(temporal, call)
     handle = temporal.client.get_workflow_handle(call)
     for _ in range(3):
         await handle.signal("renew")
-        await beats_arrive(temporal, call)  # the new run's count starts at 0
+        lifecycle.answered()  # a signal to the latest run (its count starts at 0)
+        await beats_arrive(temporal, call)
+    await asyncio.sleep(3 * CHECK_S)  # the process's closed check ran meanwhile
     assert told.reasons == []
 
     # A session whose workflow is not there (yet): NOT_FOUND, but no end.
     early = call_id()
     told_early = Told()
     waiting = TemporalCallLifecycle(
-        temporal.client, early, heartbeat_s=BEAT_S, on_workflow_closed=told_early
+        temporal.client, early, instance=temporal.instance, on_workflow_closed=told_early
     )
     waiting.answered()
     await asyncio.sleep(1.0)
@@ -230,3 +243,29 @@ async def test_continue_as_new_and_a_workflow_not_started_yet_are_no_end(
         await lc.aclose()
         assert lifecycle_tasks(cid) == []
     assert told.reasons == [] and told_early.reasons == []
+
+
+async def test_an_end_command_through_the_process_ends_the_session(temporal: Temporal) -> None:
+    """What a CallWorkflow does for a supervisor's hang-up of a web call."""
+    call = call_id()
+    await temporal.start(call)
+    told = Told()
+    lifecycle = TemporalCallLifecycle(
+        temporal.client, call, instance=temporal.instance, on_workflow_closed=told
+    )
+    lifecycle.answered()
+    await beats_arrive(temporal, call)
+    loop = asyncio.get_running_loop()
+    process = temporal.client.get_workflow_handle(
+        instance_workflow_id(temporal.instance.instance_id)
+    )
+    await process.signal("send_command", SessionCommand(call, "end", "supervisor-hangup"))
+    sent_at = loop.time()
+    await asyncio.wait_for(told.event.wait(), 3)
+    print(f"command sent -> session told: {told.at - sent_at:.2f} s")
+    assert told.reasons == ["supervisor-hangup"]
+    lifecycle.ended("supervisor-hangup")
+    await lifecycle.aclose()
+    result = await temporal.client.get_workflow_handle(call, result_type=CallState).result()
+    assert result.ended_reason == "supervisor-hangup"
+    assert lifecycle_tasks(call) == []

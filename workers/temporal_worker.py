@@ -19,9 +19,15 @@ from builder_engine.db.engine import create_async_db_engine
 from builder_engine.temporal_setup import connect, ensure_search_attributes
 from workflows.call import CallWorkflow
 from workflows.events import WebhookDeliveryWorkflow
+from workflows.instances import RealtimeInstanceWorkflow
 from workflows.post_call import PostCallWorkflow
 
-WORKFLOWS: list[type] = [CallWorkflow, PostCallWorkflow, WebhookDeliveryWorkflow]
+WORKFLOWS: list[type] = [
+    CallWorkflow,
+    PostCallWorkflow,
+    WebhookDeliveryWorkflow,
+    RealtimeInstanceWorkflow,
+]
 
 # How long a workflow task waits for the worker that ran the workflow last (its cached
 # state) before any worker takes it. Short: after a worker dies, the call's next step

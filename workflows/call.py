@@ -17,8 +17,8 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 with workflow.unsafe.imports_passed_through():
     from builder_engine.calls import CallStatus, EndedReason
     from workflows.events import publish_event
+    from workflows.instances import SessionCommand, SessionStarted
     from workflows.liveness import (
-        HISTORY_LIMIT,
         CallCarry,
         Liveness,
         ResumeState,
@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         TransferResult,
     )
     from workflows.types import (
+        MIN_HISTORY_LIMIT,
         CallStart,
         CallState,
         CallStatusChange,
@@ -60,7 +61,8 @@ DB_RETRY = RetryPolicy(
 
 @workflow.defn(name="CallWorkflow")
 class CallWorkflow:
-    def __init__(self) -> None:
+    @workflow.init
+    def __init__(self, start: CallStart) -> None:
         self._status = CallStatus.RINGING
         self._pending: list[CommittedTurn] = []
         self._committed = 0
@@ -72,12 +74,16 @@ class CallWorkflow:
         self._liveness = Liveness()
         self._history: list[CommittedTurn] = []  # as heard, for a session taking over
         self._runs = 1
+        self._history_limit = max(start.history_limit, MIN_HISTORY_LIMIT)
+        # A continued call's state is in place before any handler runs: the signals that
+        # reach a new run before its first task are handled before ``run`` starts, and
+        # restoring the carried state there would overwrite what they brought.
+        if start.carried is not None:
+            self._restore(start.carried)
 
     @workflow.run
     async def run(self, start: CallStart) -> CallState:
-        if start.carried is not None:
-            self._restore(start.carried)
-            start = dataclasses.replace(start, carried=None)
+        start = dataclasses.replace(start, carried=None)
         self._start = start
         updates = [
             STATUS.value_set(str(self._status)),
@@ -95,6 +101,8 @@ class CallWorkflow:
                         self._answered_unrecorded()
                         or len(self._pending) >= TURN_FLUSH_SIZE
                         or self._ended_reason is not None
+                        or self._liveness.needs_attention()
+                        or self._continue_as_new_due()
                     ),
                     timeout=self._wake_in(),
                 )
@@ -105,16 +113,19 @@ class CallWorkflow:
                 )
             await self._flush_turns(start)
             await self._tools.publish_pending()
+            if self._ended_reason is None:
+                await self._liveness.register(start.call_id)
             if self._ended_reason is None and self._liveness.overdue(workflow.now()):
                 # The realtime process serving the call died: move the call.
                 lost = await self._liveness.recover(start)
                 if lost is not None and self._ended_reason is None:
                     self._ended_reason = lost
             if self._ended_reason is None and self._history_is_long():
-                await self._continue_as_new(start)
+                await self._continue_as_new()
 
         # A tool still running when the call ends finishes (and is recorded) first.
         await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._liveness.unregister(start.call_id)
         # A transfer that was redirecting the caller when the stream ended has finished now.
         self._ended_reason = self._control.ended_reason(self._ended_reason)
         await self._tools.drain()
@@ -148,32 +159,57 @@ class CallWorkflow:
     def _history_is_long(self) -> bool:
         info = workflow.info()
         return (
-            info.get_current_history_length() >= HISTORY_LIMIT
+            info.get_current_history_length() >= self._history_limit
             or info.is_continue_as_new_suggested()
         )
 
-    async def _continue_as_new(self, start: CallStart) -> None:
-        """A long call goes on in a fresh run (same workflow id) carrying its state."""
-        if not workflow.all_handlers_finished():
-            return  # a tool is running: next time
-        await self._flush_turns(start)
+    def _may_continue_as_new(self) -> bool:
+        """Nothing a fresh run could not take over: the call goes on, and no Update (a tool
+        batch, a transfer, a supervisor's hang-up) is running - its caller waits on this
+        run, and a transfer's outcome decides the ended reason."""
+        return (
+            self._ended_reason is None
+            and workflow.all_handlers_finished()
+            and not self._control.in_progress
+        )
+
+    def _continue_as_new_due(self) -> bool:
+        return self._history_is_long() and self._may_continue_as_new()
+
+    async def _continue_as_new(self) -> None:
+        """A long call goes on in a fresh run (same workflow id) carrying its state.
+
+        The tool events still to publish go first (they are not carried; usually there
+        are none). Then nothing is awaited between the last check and the command: what
+        a signal changed meanwhile is in the carried state (turns not yet written
+        included: the next run writes them), and a call that ended or an Update that
+        started meanwhile keeps this run (the main loop sees to it; it continues as new
+        later). A signal the server receives while the command is on its way makes the
+        server refuse it: the workflow task runs again with that signal handled first,
+        so the carried state has it.
+        """
+        await self._tools.publish_pending()
+        if not self._may_continue_as_new():
+            return
+        assert self._start is not None
+        workflow.continue_as_new(dataclasses.replace(self._start, carried=self._carry()))
+
+    def _carry(self) -> CallCarry:
         liveness = self._liveness
-        workflow.continue_as_new(
-            dataclasses.replace(
-                start,
-                carried=CallCarry(
-                    status=str(self._status),
-                    answered=self._answered,
-                    committed=self._committed,
-                    history=self._history,
-                    pending=self._pending,
-                    tool_outcomes=[dataclasses.asdict(o) for o in self._tools.finished_outcomes()],
-                    last_heartbeat=liveness.last_heartbeat,
-                    moves=liveness.moves,
-                    moved_at=liveness.moved_at,
-                    runs=self._runs,
-                ),
-            )
+        return CallCarry(
+            status=str(self._status),
+            answered=self._answered,
+            committed=self._committed,
+            history=self._history,
+            pending=self._pending,
+            tool_outcomes=[dataclasses.asdict(o) for o in self._tools.finished_outcomes()],
+            instance=liveness.instance,
+            registered=liveness.registered,
+            lost=liveness.lost,
+            moves=liveness.moves,
+            moved_at=liveness.moved_at,
+            runs=self._runs,
+            forced_reason=self._control.forced_reason,
         )
 
     def _restore(self, carried: CallCarry) -> None:
@@ -183,9 +219,8 @@ class CallWorkflow:
         self._history = list(carried.history)
         self._pending = list(carried.pending)
         self._tools.restore([ToolOutcome(**o) for o in carried.tool_outcomes])
-        self._liveness.last_heartbeat = carried.last_heartbeat
-        self._liveness.moves = carried.moves
-        self._liveness.moved_at = carried.moved_at
+        self._liveness.restore(carried)
+        self._control.forced_reason = carried.forced_reason
         self._runs = carried.runs + 1
 
     def _answered_unrecorded(self) -> bool:
@@ -218,25 +253,27 @@ class CallWorkflow:
         self._committed += len(batch)
 
     @workflow.signal
-    def answered(self) -> None:
+    def answered(self, session: SessionStarted | None = None) -> None:
+        """A realtime session serves the call (again, after a move): from now on the call
+        is watched through that process's beats."""
         self._answered = True
+        if session is not None and self._ended_reason is None:
+            self._liveness.session_started(session.instance_id, workflow.now())
+
+    @workflow.signal
+    def session_lost(self, instance_id: str) -> None:
+        """The realtime process serving the call stopped beating (workflows/instances.py)."""
+        self._liveness.session_lost(instance_id)
 
     @workflow.signal
     def turns_committed(self, turns: list[CommittedTurn]) -> None:
         self._pending.extend(turns)
         self._history.extend(history_turn(t) for t in turns)
 
-    @workflow.signal
-    def heartbeat(self) -> None:
-        """The realtime session serving the call is alive (about every second)."""
-        if self._ended_reason is None:
-            self._liveness.beat(workflow.now())
-
     @workflow.query
     def resume_state(self) -> ResumeState:
         """The conversation so far, for a realtime session taking over the live call."""
-        call_id = self._start.call_id if self._start is not None else workflow.info().workflow_id
-        return ResumeState(call_id, self._answered, list(self._history))
+        return ResumeState(self._call_id(), self._answered, list(self._history))
 
     @workflow.signal
     def ended(self, reason: str) -> None:
@@ -259,18 +296,25 @@ class CallWorkflow:
         """``POST /v1/calls/{id}/hangup``: end the call (ended reason supervisor-hangup)."""
         result = await self._control.hang_up(request)
         if result.status == "ended":
-            # A web call (no carrier): the call ends here; its session's signals are late.
-            self.ended(EndedReason.SUPERVISOR_HANGUP)
-        else:
-            # The carrier ends the media stream and the session reports it; should no
-            # session be serving the call, end it here after a while.
-            try:
-                await workflow.wait_condition(
-                    lambda: self._ended_reason is not None, timeout=SUPERVISOR_GRACE
-                )
-            except TimeoutError:
+            # A web call (no carrier): its session is told through its process, ends the
+            # call and reports it (its last turn and audio included).
+            told = await self._liveness.send_command(
+                SessionCommand(self._call_id(), "end", EndedReason.SUPERVISOR_HANGUP)
+            )
+            if not told:
                 self.ended(EndedReason.SUPERVISOR_HANGUP)
+        # The carrier ends the media stream (or the session the call) and the session
+        # reports it; should no session be serving the call, end it here after a while.
+        try:
+            await workflow.wait_condition(
+                lambda: self._ended_reason is not None, timeout=SUPERVISOR_GRACE
+            )
+        except TimeoutError:
+            self.ended(EndedReason.SUPERVISOR_HANGUP)
         return result
+
+    def _call_id(self) -> str:
+        return self._start.call_id if self._start is not None else workflow.info().workflow_id
 
     @supervisor_hangup.validator
     def _check_hangup(self, request: HangUpRequest) -> None:

@@ -1,20 +1,21 @@
 """Is the call's realtime session alive? The CallWorkflow's side of surviving a crash.
 
-The realtime session signals ``heartbeat`` about every second while the call is live.
-When heartbeats stop for ``LOST_AFTER`` while the call has not ended, the realtime
-process serving it is presumed dead and the workflow runs the ``move_call`` activity:
-a Twilio call is pointed (REST call update, new stream TwiML) at a healthy realtime
-worker, whose new session restores the conversation from the ``resume_state`` query; a
-web call needs nothing (its client reconnects to the same call id). Heartbeats that do
-not come back after a move (``MOVE_GRACE``, ``MAX_MOVES`` times) end the call ``lost``.
+Liveness is watched per realtime process, not per call (workflows/instances.py): the
+session's ``answered`` signal names the process serving the call, and the CallWorkflow
+puts the call on that process's RealtimeInstanceWorkflow (``call_started``). When the
+process stops beating, that workflow signals ``session_lost`` here, and the call is
+moved with the ``move_call`` activity: a Twilio call is pointed (REST call update, new
+stream TwiML) at a healthy realtime worker, whose new session restores the conversation
+from the ``resume_state`` query and says ``answered`` again; a web call needs nothing
+(its client reconnects to the same call id). No new session within ``MOVE_GRACE``, tried
+``MAX_MOVES`` times, ends the call ``lost``.
 
-The clock is the workflow's (``workflow.now()`` when a heartbeat is handled), so a
-Temporal worker that was down itself never mistakes the backlog for a dead session.
 Deterministic code only: this runs inside the workflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -22,20 +23,15 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.types import CallCarry, CallStart, CommittedTurn
+    from workflows.instances import SessionCommand, instance_workflow_id
+    from workflows.types import HISTORY_LIMIT, CallCarry, CallStart, CommittedTurn
 
-__all__ = ["CallCarry"]
+__all__ = ["HISTORY_LIMIT", "CallCarry"]
 
-#: How often a live session signals (the realtime side).
-HEARTBEAT_INTERVAL_S = 1.0
-#: Heartbeats missing this long: the session serving the call is presumed dead.
-LOST_AFTER = timedelta(seconds=3)
-#: After a move, how long the new session has to send its first heartbeat.
+#: After a move, how long the new session has to say ``answered``.
 MOVE_GRACE = timedelta(seconds=20)
 #: Moves tried before the call is given up as lost.
 MAX_MOVES = 3
-#: Continue-as-new once a run's history holds this many events (the target: < 2,000).
-HISTORY_LIMIT = 1_500
 
 MOVE_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=300),
@@ -84,52 +80,106 @@ def history_turn(turn: CommittedTurn) -> CommittedTurn:
 
 
 class Liveness:
-    """Heartbeat bookkeeping and the move decision."""
+    """Which process serves the call, whether it is lost, and the move decision."""
 
     def __init__(self) -> None:
-        self.last_heartbeat: datetime | None = None
+        self.instance: str | None = None  # the realtime process serving the call
+        self.registered = False  # the call is on that process's instance workflow
+        self.lost = False  # that process stopped beating
         self.moves = 0
         self.moved_at: datetime | None = None
 
-    def beat(self, now: datetime) -> None:
-        self.last_heartbeat = now
+    def carry(self) -> dict[str, object]:
+        return {
+            "instance": self.instance,
+            "registered": self.registered,
+            "lost": self.lost,
+            "moves": self.moves,
+            "moved_at": self.moved_at,
+        }
+
+    def restore(self, carried: CallCarry) -> None:
+        self.instance = carried.instance
+        self.registered = carried.registered
+        self.lost = carried.lost
+        self.moves = carried.moves
+        self.moved_at = carried.moved_at
+
+    def session_started(self, instance_id: str, now: datetime) -> None:
         if self.moved_at is not None:
             workflow.logger.info(
                 "call resumed %.1f s after the move", (now - self.moved_at).total_seconds()
             )
             self.moved_at = None
             self.moves = 0
+        if instance_id != self.instance:
+            self.instance = instance_id
+            self.registered = False
+        self.lost = False
 
-    def deadline(self) -> datetime | None:
-        """When the call counts as lost if no heartbeat comes (None: not watched yet)."""
-        if self.moved_at is not None:
-            return self.moved_at + MOVE_GRACE
-        if self.last_heartbeat is None:
-            return None
-        return self.last_heartbeat + LOST_AFTER
+    def session_lost(self, instance_id: str) -> None:
+        if instance_id == self.instance:
+            self.lost = True
+
+    def needs_attention(self) -> bool:
+        return self.lost or (self.instance is not None and not self.registered)
 
     def wake_in(self, now: datetime) -> timedelta | None:
-        deadline = self.deadline()
-        if deadline is None:
+        if self.moved_at is None:
             return None
-        return max(deadline - now, timedelta(milliseconds=1))
+        return max(self.moved_at + MOVE_GRACE - now, timedelta(milliseconds=1))
 
     def overdue(self, now: datetime) -> bool:
-        deadline = self.deadline()
-        return deadline is not None and now >= deadline
+        """The session is gone: its process was lost, or a moved call never came back."""
+        return self.lost or (self.moved_at is not None and now >= self.moved_at + MOVE_GRACE)
+
+    async def register(self, call_id: str) -> None:
+        """Put the call on its process's watch list. A process whose instance workflow is
+        not running (it was declared lost a moment ago) counts as lost."""
+        if self.instance is None or self.registered:
+            return
+        handle = workflow.get_external_workflow_handle(instance_workflow_id(self.instance))
+        try:
+            await handle.signal("call_started", call_id)
+            self.registered = True
+        except Exception as exc:
+            workflow.logger.warning(
+                "call %s: realtime instance %s is not watched (%s)", call_id, self.instance, exc
+            )
+            self.lost = True
+
+    async def unregister(self, call_id: str) -> None:
+        if self.instance is None or not self.registered:
+            return
+        handle = workflow.get_external_workflow_handle(instance_workflow_id(self.instance))
+        # That process may be gone already: then there is nothing to take the call off.
+        with contextlib.suppress(Exception):
+            await handle.signal("call_ended", call_id)
+        self.registered = False
+
+    async def send_command(self, command: SessionCommand) -> bool:
+        """Have the session serving the call do something (it hears within a beat)."""
+        if self.instance is None or self.lost:
+            return False
+        handle = workflow.get_external_workflow_handle(instance_workflow_id(self.instance))
+        try:
+            await handle.signal("send_command", command)
+        except Exception:
+            return False
+        return True
 
     async def recover(self, start: CallStart) -> str | None:
         """Move the call to a healthy realtime worker; an ended reason if it cannot go on."""
         if self.moves >= MAX_MOVES:
             return "lost"
         self.moves += 1
-        silent = self.last_heartbeat
         workflow.logger.warning(
-            "call %s: no heartbeat since %s, moving it (attempt %d)",
+            "call %s: realtime instance %s lost, moving the call (attempt %d)",
             start.call_id,
-            silent,
+            self.instance,
             self.moves,
         )
+        self.instance, self.registered, self.lost = None, False, False
         try:
             result: MoveCallResult = await workflow.execute_activity(
                 "move_call",
@@ -144,7 +194,7 @@ class Liveness:
             result = MoveCallResult(False, "", detail=str(exc))
         if result.gone:
             return "lost"
-        # Moved (a Twilio call) or waiting for the web client: the new session's first
-        # heartbeat is due within the grace period.
+        # Moved (a Twilio call) or waiting for the web client: the new session's
+        # ``answered`` is due within the grace period.
         self.moved_at = workflow.now()
         return None

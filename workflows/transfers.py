@@ -77,11 +77,18 @@ class HangUpResult:
 class CallControl:
     def __init__(self) -> None:
         #: Why the call ends, whatever the media side reports (set by a transfer/hang-up).
+        #: Carried across continue-as-new (``CallCarry.forced_reason``).
         self.forced_reason: str | None = None
         self._transferring = False
+        self._hanging_up = False
 
     def ended_reason(self, reported: str) -> str:
         return self.forced_reason or reported
+
+    @property
+    def in_progress(self) -> bool:
+        """A transfer or a hang-up is under way: its carrier activity has not answered."""
+        return self._transferring or self._hanging_up
 
     async def transfer(self, request: TransferRequest) -> TransferResult:
         if self.forced_reason is not None:
@@ -135,18 +142,22 @@ class CallControl:
 
     async def hang_up(self, request: HangUpRequest) -> HangUpResult:
         self.forced_reason = self.forced_reason or EndedReason.SUPERVISOR_HANGUP
-        result: HangUpResult = await workflow.execute_activity(
-            "hang_up_call",
-            request,
-            result_type=HangUpResult,
-            start_to_close_timeout=timedelta(seconds=20),
-            retry_policy=RetryPolicy(
-                initial_interval=timedelta(milliseconds=300),
-                maximum_attempts=5,
-                non_retryable_error_types=["TelephonyNotConfigured"],
-            ),
-            summary="supervisor hang-up",
-        )
+        self._hanging_up = True
+        try:
+            result: HangUpResult = await workflow.execute_activity(
+                "hang_up_call",
+                request,
+                result_type=HangUpResult,
+                start_to_close_timeout=timedelta(seconds=20),
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(milliseconds=300),
+                    maximum_attempts=5,
+                    non_retryable_error_types=["TelephonyNotConfigured"],
+                ),
+                summary="supervisor hang-up",
+            )
+        finally:
+            self._hanging_up = False
         return result
 
 

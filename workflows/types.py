@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+#: A CallWorkflow run continues as new once its history holds this many events (Temporal
+#: warns from 10,240 and refuses from 51,200; a run this short replays quickly too).
+HISTORY_LIMIT = 1_500
+#: Runs shorter than this would do little more than carry the call on to the next one.
+MIN_HISTORY_LIMIT = 100
+
 
 @dataclass(frozen=True)
 class CallStart:
@@ -23,6 +29,8 @@ class CallStart:
     campaign_id: str | None = None
     # A long call's state, when its workflow continued as new (None on the first run).
     carried: CallCarry | None = None
+    # Events per run before the call goes on in a fresh run (at least MIN_HISTORY_LIMIT).
+    history_limit: int = HISTORY_LIMIT
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,12 @@ class CallCarry:
     history: list[CommittedTurn]
     pending: list[CommittedTurn]
     tool_outcomes: list[dict[str, Any]]  # workflows.tools.ToolOutcome, as plain dicts
-    last_heartbeat: datetime | None
+    instance: str | None  # the realtime process serving the call (workflows/liveness.py)
+    registered: bool
+    lost: bool
     moves: int
     moved_at: datetime | None
     runs: int
+    # Why the call ends whatever the media side reports, once a transfer bridged the
+    # caller elsewhere or a supervisor hung up (workflows/transfers.py CallControl).
+    forced_reason: str | None = None
