@@ -30,6 +30,9 @@ class SpokenSegment:
 
     id: int
     text: str
+    #: The talk spurt it belongs to: after a barge-in, audio of an older one is dropped,
+    #: even if its producer adds some before it has stopped.
+    generation: int = 0
     queued_bytes: int = 0
     sent_bytes: int = 0
     complete: bool = False
@@ -105,7 +108,7 @@ class Playout:
     # ------------------------------------------------------------ producing
 
     def start_segment(self, text: str) -> SpokenSegment:
-        segment = SpokenSegment(id=self._next_id, text=text)
+        segment = SpokenSegment(id=self._next_id, text=text, generation=self._generation)
         self._next_id += 1
         self._segments.append(segment)
         return segment
@@ -113,8 +116,9 @@ class Playout:
     def add_audio(self, segment: SpokenSegment, audio: bytes) -> None:
         data = self._remainder.pop(segment.id, b"") + audio
         usable = len(data) - len(data) % self._frame_bytes
-        for offset in range(0, usable, self._frame_bytes):
-            self._put(_Frame(self._generation, segment, data[offset : offset + self._frame_bytes]))
+        step = self._frame_bytes
+        for offset in range(0, usable, step):
+            self._put(_Frame(segment.generation, segment, data[offset : offset + step]))
         if usable < len(data):
             self._remainder[segment.id] = data[usable:]
         segment.queued_bytes += len(audio)
@@ -123,12 +127,16 @@ class Playout:
         tail = self._remainder.pop(segment.id, b"")
         if tail:
             padded = tail + self._silence[len(tail) :]
-            self._put(_Frame(self._generation, segment, padded))
+            self._put(_Frame(segment.generation, segment, padded))
         segment.complete = True
+        if segment.generation != self._generation:
+            return  # interrupted: no mark will come back for it
         self._pending_marks += 1
-        self._put(_MarkItem(self._generation, segment))
+        self._put(_MarkItem(segment.generation, segment))
 
     def _put(self, item: _Frame | _MarkItem) -> None:
+        if item.generation != self._generation:
+            return  # audio of an interrupted talk spurt
         self._idle.clear()
         self._queue.put_nowait(item)
 

@@ -735,10 +735,13 @@ class CallSession:
         response.remove_done_callback(self._task_done)
         onset_ms = self.tracker.speech_onset_ms
         response.cancel()
-        await asyncio.gather(response, return_exceptions=True)
+        # `clear` first: the answer's task may take a while to wind down (closing its
+        # provider streams), and whatever audio it still adds belongs to the interrupted
+        # talk spurt, which the playout drops.
         heard = await self.playout.interrupt()
         if onset_ms is not None:
             self.stats.bargein.add(self.clock() - self._wall(onset_ms))
+        await asyncio.gather(response, return_exceptions=True)
         metrics, self._metrics = self._metrics, None
         reply, self._reply = self._reply, None
         if heard or (reply is not None and reply.tool_calls):

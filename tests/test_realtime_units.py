@@ -179,10 +179,20 @@ async def test_interrupt_clears_and_keeps_only_what_was_heard() -> None:
         assert transport.events[-1][1] == "clear"
         assert heard.startswith("We open at nine. one two three four")
         assert "eight nine ten" not in heard
+        # The interrupted answer's producer, still winding down, adds more of it.
+        playout.add_audio(second, b"\x03" * 160 * 10)
+        playout.end_segment(second)
         await asyncio.sleep(0.1)
         assert len(transport.events) == cleared_at  # nothing of the answer after clear
         assert playout.on_mark("seg-1") is None  # its echo after clear is not "played"
         assert not playout.playing
+        # The next answer plays.
+        third = playout.start_segment("Sure.")
+        playout.add_audio(third, b"\x04" * 160 * 2)
+        playout.end_segment(third)
+        await asyncio.sleep(0.1)
+        after = [e[2] for e in transport.events[cleared_at:] if e[1] == "media"]
+        assert after == [b"\x04" * 160] * 2
     finally:
         pacer.cancel()
 
