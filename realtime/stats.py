@@ -17,7 +17,9 @@ class FrameTimes:
     _filled: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        self._values = np.zeros(self.capacity, dtype=np.float32)
+        # Written now, not zero-filled on demand (calloc): the ring's memory is taken at
+        # start-up instead of showing as slow growth while it fills.
+        self._values = np.full(self.capacity, 0.0, dtype=np.float32)
 
     def add(self, seconds: float) -> None:
         self._values[self._next] = seconds
