@@ -1,10 +1,13 @@
 """What the durable path adds to a tool call, over running the tool in process.
 
     .venv/bin/python bench/tool_roundtrip.py --calls 200 [--tool check_availability|webhook]
+        [--worker-process] [--gap-ms 100] [--timeline] [--server-defaults]
 
-Starts a Temporal dev server (SQLite), the platform's worker (in this process, or with
-``--worker-process`` as ``builder-engine worker`` in its own) and a CallWorkflow for one
-call whose agent has the tool. Then, one after the other:
+Starts a Temporal dev server (SQLite file) with the flags ``builder-engine up`` gives it
+(``TEMPORAL_SERVER_TUNING`` in workers/supervisor.py; ``--server-defaults`` leaves them
+out, ``BENCH_TEMPORAL_ARGS`` adds more), the platform's worker (in this process, or
+with ``--worker-process`` as ``builder-engine worker`` in its own) and a CallWorkflow for
+one call whose agent has the tool. Then, one after the other:
 
 * durable: the realtime side's path - ``TemporalCallLifecycle.run_tools`` (the
   ``run_tools`` Update: argument validation in the workflow, the tool as an activity -
@@ -12,7 +15,9 @@ call whose agent has the tool. Then, one after the other:
 * direct: the same tool implementation called in process (same database work, same
   HTTP request for a webhook), no Temporal.
 
-Every call has a new tool call id, so every one really runs. The last line printed is
+Every call has a new tool call id, so every one really runs. ``--timeline`` also prints
+where the durable path's time goes, stage by stage, from the workflow's history. The
+last line printed is
 ``calls=N durable_p50_ms=.. durable_p95_ms=.. direct_p50_ms=.. added_p50_ms=..``.
 """
 
@@ -35,6 +40,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from tools_support import ToolReceiver, seed_call
@@ -46,6 +53,7 @@ from builder_engine.db.engine import create_async_db_engine, session_factory
 from builder_engine.db.migrate import upgrade
 from builder_engine.temporal_setup import ensure_search_attributes
 from realtime.lifecycle import TemporalCallLifecycle
+from workers.supervisor import TEMPORAL_SERVER_TUNING
 from workers.temporal_worker import build_worker
 from workflows.tools import ToolBatch, ToolInvocation, ToolTask
 
@@ -97,12 +105,111 @@ async def worker_running(
         await asyncio.wait_for(process.wait(), 10)
 
 
-async def run(calls: int, tool: str, worker_in_process: bool, gap_ms: float) -> str:
+async def all_runs(client: Client, workflow_id: str) -> list[list[HistoryEvent]]:
+    """The events of each run of a workflow (a long call continues as new), oldest first."""
+    runs = [r async for r in client.list_workflows(f'WorkflowId="{workflow_id}"')]
+    histories = []
+    for run in sorted(runs, key=lambda r: r.start_time):
+        handle = client.get_workflow_handle(workflow_id, run_id=run.run_id)
+        histories.append(list((await handle.fetch_history()).events))
+    return histories
+
+
+STAGES = (
+    "client -> workflow task scheduled",
+    "workflow task: scheduled -> started",
+    "workflow task: started -> completed",
+    "activity: scheduled -> completed",
+    "workflow task 2: scheduled -> started",
+    "workflow task 2: started -> completed",
+    "update completed -> client",
+    "total (client)",
+)
+
+
+def update_stages(
+    events: list[HistoryEvent], accepted: int, completed: int
+) -> tuple[float, float, dict[str, float]]:
+    """One ``run_tools`` update from the events of its run (``accepted``, ``completed``:
+    the positions of its two update events): when its first workflow task was scheduled,
+    when it completed (ms, server clock), and its stages in between (ms)."""
+    at = [e.event_time.ToNanoseconds() / 1e6 for e in events]
+
+    def last(kind: str, before: int) -> int:
+        wanted = EventType.Value(f"EVENT_TYPE_{kind}")
+        return max(j for j in range(before) if events[j].event_type == wanted)
+
+    # The workflow task that accepted the update (and ran a local activity)...
+    done = last("WORKFLOW_TASK_COMPLETED", accepted)
+    started = last("WORKFLOW_TASK_STARTED", done)
+    scheduled = last("WORKFLOW_TASK_SCHEDULED", started)
+    began = at[scheduled]
+    stages = {
+        "workflow task: scheduled -> started": at[started] - at[scheduled],
+        "workflow task: started -> completed": at[done] - at[started],
+    }
+    activity = [
+        j
+        for j in range(accepted, completed)
+        if events[j].event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    if activity:  # ...a regular activity, and the workflow task that completed the update
+        finished = last("ACTIVITY_TASK_COMPLETED", completed)
+        done = last("WORKFLOW_TASK_COMPLETED", completed)
+        started = last("WORKFLOW_TASK_STARTED", done)
+        scheduled = last("WORKFLOW_TASK_SCHEDULED", started)
+        stages["activity: scheduled -> completed"] = at[finished] - at[activity[0]]
+        stages["workflow task 2: scheduled -> started"] = at[started] - at[scheduled]
+        stages["workflow task 2: started -> completed"] = at[done] - at[started]
+    return began, at[completed], stages
+
+
+def print_timeline(runs: list[list[HistoryEvent]], spans: list[tuple[float, float]]) -> None:
+    """Where a durable call's time goes: medians of the gaps between its history events
+    (server clock) and the client's own send and receive (same machine, same clock)."""
+    rounds: list[tuple[float, float, dict[str, float]]] = []
+    for events in runs:
+        position = {e.event_id: i for i, e in enumerate(events)}  # ids restart per run
+        rounds += [
+            update_stages(
+                events,
+                position[e.workflow_execution_update_completed_event_attributes.accepted_event_id],
+                i,
+            )
+            for i, e in enumerate(events)
+            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED
+        ]
+    values: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for (began, ended, stages), (sent, received) in zip(rounds[-len(spans) :], spans, strict=True):
+        stages["client -> workflow task scheduled"] = began - sent * 1000
+        stages["update completed -> client"] = received * 1000 - ended
+        stages["total (client)"] = (received - sent) * 1000
+        for stage, ms in stages.items():
+            values[stage].append(ms)
+    for stage, measured in values.items():
+        if measured:
+            p50, p95 = statistics.median(measured), percentile(measured, 0.95)
+            print(f"  {stage:<40} p50 {p50:6.1f}  p95 {p95:6.1f} ms")
+
+
+async def run(
+    calls: int,
+    tool: str,
+    worker_in_process: bool,
+    gap_ms: float,
+    timeline: bool = False,
+    tuned: bool = True,
+) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         env = await WorkflowEnvironment.start_local(
             dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
             dev_server_log_level="error",
-            dev_server_extra_args=["--db-filename", f"{tmp}/temporal.db", *EXTRA],
+            dev_server_extra_args=[
+                "--db-filename",
+                f"{tmp}/temporal.db",
+                *(TEMPORAL_SERVER_TUNING if tuned else ()),
+                *EXTRA,
+            ],
         )
         try:
             await ensure_search_attributes(env.client, env.client.namespace)
@@ -146,10 +253,15 @@ async def run(calls: int, tool: str, worker_in_process: bool, gap_ms: float) -> 
                     for _ in range(10):  # warm up: definitions cached, connections open
                         await durable_once()
                     durable = []
+                    spans: list[tuple[float, float]] = []
                     for _ in range(calls):
+                        began_at = time.time()
                         durable.append(await durable_once())
+                        spans.append((began_at, time.time()))
                         # In a call, tool rounds are an LLM request apart at least.
                         await asyncio.sleep(gap_ms / 1000)
+                    if timeline:
+                        print_timeline(await all_runs(env.client, start.call_id), spans)
                     lifecycle.ended("caller-hangup")
                     await lifecycle.aclose()
 
@@ -188,7 +300,8 @@ async def run(calls: int, tool: str, worker_in_process: bool, gap_ms: float) -> 
     d50, d95 = statistics.median(durable), percentile(durable, 0.95)
     x50 = statistics.median(direct)
     where = "in-process" if worker_in_process else "separate process"
-    print(f"tool={tool} worker={where} gap={gap_ms:g} ms")
+    server = "platform settings" if tuned else "start-dev defaults"
+    print(f"tool={tool} worker={where} gap={gap_ms:g} ms server={server} {' '.join(EXTRA)}")
     print(f"durable ms: p50 {d50:.1f}  p95 {d95:.1f}  max {max(durable):.1f}")
     print(f"direct  ms: p50 {x50:.1f}  p95 {percentile(direct, 0.95):.1f}")
     return (
@@ -213,8 +326,28 @@ def main() -> None:
         help="pause between durable calls (0: back to back, the workflow still busy "
         "publishing the previous call's tool.called event)",
     )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="also print where the durable path's time goes (from the workflow history)",
+    )
+    parser.add_argument(
+        "--server-defaults",
+        action="store_true",
+        help="run the dev server without the platform's settings (TEMPORAL_SERVER_TUNING "
+        "in workers/supervisor.py), to compare; BENCH_TEMPORAL_ARGS adds flags either way",
+    )
     args = parser.parse_args()
-    line = asyncio.run(run(args.calls, args.tool, not args.worker_process, args.gap_ms))
+    line = asyncio.run(
+        run(
+            args.calls,
+            args.tool,
+            not args.worker_process,
+            args.gap_ms,
+            args.timeline,
+            not args.server_defaults,
+        )
+    )
     print(line, flush=True)
     # The Temporal SDK can abort at interpreter exit (sdk-python #300): leave directly.
     sys.stdout.flush()

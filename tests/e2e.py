@@ -36,6 +36,7 @@ from emulators.openai import OpenAIEmulator, ScriptRule
 from emulators.twilio_phone import TwilioPhone
 from realtime.app import create_app as create_realtime
 from realtime.calls import ProviderFactory
+from workers.supervisor import TEMPORAL_SERVER_TUNING
 from workers.temporal_worker import build_worker
 from workflows.events import WebhookRetry
 
@@ -125,6 +126,9 @@ async def running_stack(
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=installed_binary("temporal"),
         dev_server_log_level="error",
+        # As `builder-engine up` runs it (eager activities; the SQLite settings are moot
+        # for this in-memory server).
+        dev_server_extra_args=list(TEMPORAL_SERVER_TUNING),
     )
     try:
         await ensure_search_attributes(env.client, env.client.namespace)

@@ -69,6 +69,11 @@ def build_worker(
             *telephony.activities(),
         ],
         sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
+        # Activities the workflows schedule here (a webhook tool, say) come back with the
+        # workflow task's completion when the server allows it (docs/temporal-ui.md,
+        # "Eager activity execution"). The SDK's default, spelled out: the server
+        # setting does nothing without it.
+        disable_eager_activity_execution=False,
     )
 
 
