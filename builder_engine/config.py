@@ -75,6 +75,14 @@ class Settings(BaseSettings):
         "public URL with a ws(s) scheme (a reverse proxy sends /media/* to the realtime "
         "server), or ws://{host}:{realtime_port} when no public URL is set.",
     )
+    turn_batch_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        description="Longest a caller's committed turn waits in the realtime process for "
+        "the agent's answer, to reach the call's workflow with it in one signal (one "
+        "workflow task per exchange instead of per turn). A realtime process that dies "
+        "loses at most the exchange in progress; the call resumes from the rest.",
+    )
     recordings_dir: Path | None = Field(
         default=None, description="Folder for call recordings. Unset: {data_dir}/recordings."
     )

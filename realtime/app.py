@@ -47,7 +47,9 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
         await instance.start()
 
         def lifecycle(call_id: str) -> CallLifecycle:
-            return TemporalCallLifecycle(temporal, call_id, instance=instance)
+            return TemporalCallLifecycle(
+                temporal, call_id, instance=instance, batch_delay_s=settings.turn_batch_s
+            )
 
         async def resume_state(call_id: str) -> ResumeState:
             handle = temporal.get_workflow_handle(call_id)

@@ -1,7 +1,13 @@
 """Telling the call's durable workflow what happened, without ever blocking the audio loop.
 
-Signals are queued and sent by one background task per call; turns are sent in
-batches. The session only calls the non-blocking methods - except ``run_tools``, the
+Signals are queued and sent by one background task per call. Committed turns travel
+by exchange: a caller's turn waits for the agent's answer (up to ``TURN_BATCH_S``), and
+the answer's turn takes it along - one signal per exchange instead of one per turn
+(every signal costs the Temporal side a workflow task; a signal per turn was most of its
+load at 100 calls). Any other signal - the end above all - takes waiting turns along
+first. A process that dies loses at most the exchange in progress; the call resumes
+from every exchange before it.
+The session only calls the non-blocking methods - except ``run_tools``, the
 one place the conversation itself waits on the workflow (for tool results), which the
 session awaits inside its answer task, never in the audio path.
 
@@ -85,6 +91,8 @@ _CLOSED = frozenset(
         WorkflowExecutionStatus.TIMED_OUT,
     }
 )
+#: Longest a caller's committed turn waits for the agent's answer to share its signal.
+TURN_BATCH_S = 5.0
 #: Longest wait for the describe and result calls that tell whether the workflow closed.
 CLOSED_CHECK_TIMEOUT_S = 5.0
 
@@ -103,7 +111,7 @@ class TemporalCallLifecycle:
         client: Client,
         call_id: str,
         *,
-        batch_delay_s: float = 0.05,
+        batch_delay_s: float = TURN_BATCH_S,
         instance: RealtimeInstance | None = None,
         on_workflow_closed: Callable[[str], None] | None = None,
     ) -> None:
@@ -202,28 +210,30 @@ class TemporalCallLifecycle:
             await asyncio.gather(self._closing_check, return_exceptions=True)
 
     async def _deliver(self) -> None:
+        loop = asyncio.get_running_loop()
+        turns: list[object] = []
+        due: float | None = None  # when the oldest held turn must go
         while True:
-            item = await self._queue.get()
+            try:
+                async with asyncio.timeout_at(due):
+                    item = await self._queue.get()
+            except TimeoutError:
+                await self._send("turns_committed", turns)
+                turns, due = [], None
+                continue
+            if item is not None and item.name == "turns_committed":
+                turns.append(item.arg)
+                if isinstance(item.arg, CommittedTurn) and item.arg.speaker == "agent":
+                    await self._send("turns_committed", turns)  # an exchange is complete
+                    turns, due = [], None
+                elif due is None:
+                    due = loop.time() + self._batch_delay_s
+                continue
+            if turns:  # in order: the turns before what came after them
+                await self._send("turns_committed", turns)
+                turns, due = [], None
             if item is None:
                 return
-            if item.name == "turns_committed":
-                # Turns that come close together travel in one signal.
-                await asyncio.sleep(self._batch_delay_s)
-                turns = [item.arg]
-                while not self._queue.empty():
-                    peek = self._queue.get_nowait()
-                    if peek is not None and peek.name == "turns_committed":
-                        turns.append(peek.arg)
-                    else:
-                        await self._send("turns_committed", turns)
-                        turns = []
-                        if peek is None:
-                            return
-                        await self._send(peek.name, peek.arg)
-                        break
-                if turns:
-                    await self._send("turns_committed", turns)
-                continue
             await self._send(item.name, item.arg)
 
     async def _send(self, name: str, arg: object | None) -> None:

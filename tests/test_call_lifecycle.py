@@ -46,6 +46,7 @@ class LifecycleProbe:
         self._beats = 0
         self._closed: str | None = None
         self._renew = False
+        self._batches: list[list[str]] = []
 
     @workflow.run
     async def run(self, runs: int) -> CallState:
@@ -59,7 +60,8 @@ class LifecycleProbe:
         self._beats += 1
 
     @workflow.signal
-    def turns_committed(self, turns: list[CommittedTurn]) -> None: ...
+    def turns_committed(self, turns: list[CommittedTurn]) -> None:
+        self._batches.append([t.text for t in turns])
 
     @workflow.signal
     def ended(self, reason: str) -> None:
@@ -76,6 +78,11 @@ class LifecycleProbe:
     @workflow.query
     def beats(self) -> int:
         return self._beats
+
+    @workflow.query
+    def batches(self) -> list[list[str]]:
+        """The turns of each ``turns_committed`` signal, by text."""
+        return self._batches
 
 
 @dataclass
@@ -268,4 +275,44 @@ async def test_an_end_command_through_the_process_ends_the_session(temporal: Tem
     await lifecycle.aclose()
     result = await temporal.client.get_workflow_handle(call, result_type=CallState).result()
     assert result.ended_reason == "supervisor-hangup"
+    assert lifecycle_tasks(call) == []
+
+
+def turn(index: int, speaker: str) -> CommittedTurn:
+    return CommittedTurn(index=index, speaker=speaker, text=f"{speaker} {index}")
+
+
+async def test_turns_travel_by_exchange(temporal: Temporal) -> None:
+    """A caller's turn waits for the answer (one signal per exchange); one that gets no
+    answer goes on its own after the batch window; the end takes waiting turns first."""
+    call = call_id()
+    await temporal.start(call)
+    lifecycle = TemporalCallLifecycle(temporal.client, call, batch_delay_s=0.5)
+    handle = temporal.client.get_workflow_handle(call)
+    loop = asyncio.get_running_loop()
+
+    async def batches(count: int) -> list[list[str]]:
+        async with asyncio.timeout(5):
+            while len(found := await handle.query("batches")) < count:
+                await asyncio.sleep(0.02)
+        return list(found)
+
+    lifecycle.commit_turn(turn(0, "agent"))  # the greeting: goes at once
+    assert await batches(1) == [["agent 0"]]
+    lifecycle.commit_turn(turn(1, "caller"))
+    await asyncio.sleep(0.2)
+    lifecycle.commit_turn(turn(2, "agent"))
+    assert await batches(2) == [["agent 0"], ["caller 1", "agent 2"]]
+
+    held_at = loop.time()
+    lifecycle.commit_turn(turn(3, "caller"))  # no answer: the window sends it
+    assert (await batches(3))[-1] == ["caller 3"]
+    assert 0.45 <= loop.time() - held_at < 1.5
+
+    lifecycle.commit_turn(turn(4, "caller"))  # the caller hangs up before the answer
+    lifecycle.ended(EndedReason.CALLER_HANGUP)
+    await lifecycle.aclose()
+    assert (await batches(4))[-1] == ["caller 4"]
+    result = await temporal.client.get_workflow_handle(call, result_type=CallState).result()
+    assert result.ended_reason == EndedReason.CALLER_HANGUP
     assert lifecycle_tasks(call) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+from histories import activities_run
 from sqlmodel import Session, col, select
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
@@ -15,7 +16,6 @@ from builder_engine.config import Settings
 from builder_engine.db.engine import create_async_db_engine, create_sync_engine
 from builder_engine.db.models import Agent, Call, CallTurn, Organization
 from workers.temporal_worker import build_worker
-from workflows.call import TURN_FLUSH_SIZE
 from workflows.types import CallStart, CommittedTurn
 
 
@@ -61,7 +61,10 @@ def _turn(index: int) -> CommittedTurn:
     )
 
 
-async def test_call_workflow_records_the_call_and_batches_turns(
+BIG_BATCH = 20
+
+
+async def test_call_workflow_records_the_call_and_its_turn_batches(
     time_skipping_env: WorkflowEnvironment, db_settings: Settings
 ) -> None:
     client: Client = time_skipping_env.client
@@ -75,8 +78,7 @@ async def test_call_workflow_records_the_call_and_batches_turns(
             )
             await handle.signal("answered")
             await handle.signal("turns_committed", [_turn(0), _turn(1)])
-            # A long call: enough turns to force a flush by size, plus a remainder.
-            many = [_turn(i) for i in range(2, 2 + TURN_FLUSH_SIZE)]
+            many = [_turn(i) for i in range(2, 2 + BIG_BATCH)]
             await handle.signal("turns_committed", many)
             await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
             await handle.signal("ended", str(EndedReason.MAX_DURATION))  # the first reason wins
@@ -86,7 +88,7 @@ async def test_call_workflow_records_the_call_and_batches_turns(
         await engine.dispose()
 
     assert result["status"] == CallStatus.ENDED
-    assert result["turns_committed"] == 2 + TURN_FLUSH_SIZE
+    assert result["turns_committed"] == 2 + BIG_BATCH
     sync = create_sync_engine(db_settings)
     with Session(sync) as session:
         call = session.exec(select(Call).where(Call.id == start.call_id)).one()
@@ -97,16 +99,15 @@ async def test_call_workflow_records_the_call_and_batches_turns(
     assert call.status == CallStatus.ENDED
     assert call.ended_reason == EndedReason.CALLER_HANGUP
     assert call.answered_at is not None and call.ended_at is not None
-    assert [t.index for t in turns] == list(range(2 + TURN_FLUSH_SIZE))
+    assert [t.index for t in turns] == list(range(2 + BIG_BATCH))
     assert turns[3].interrupted and turns[1].latency == {"voice_to_voice_ms": 412.0}
-    activities = [
-        e.activity_task_scheduled_event_attributes.activity_type.name
-        for e in history.events
-        if e.HasField("activity_task_scheduled_event_attributes")
-    ]
-    # Status twice (answered, ended); turns in batches, not one activity per turn
-    # (signals that arrive together make one batch).
+    # The call's writes are local activities: status twice (answered, ended), the
+    # call.started event, and one write per signalled batch (signals that reach one
+    # workflow task together make one write), never one per turn.
+    activities = activities_run(history)
+    assert activities_run(history, local=False) == []
     assert activities.count("record_call_status") == 2
+    assert activities.count("record_call_event") == 1
     assert 1 <= activities.count("save_call_turns") <= 2
 
 

@@ -60,9 +60,7 @@ async def test_a_dead_process_gets_its_calls_moved_and_a_live_one_keeps_them(
             first.register(start.call_id, lambda _: None)
             await handle.signal("answered", SessionStarted(first.instance_id))
             # The CallWorkflow itself puts the call on the process's list.
-            await _eventually(
-                lambda: _in(start.call_id, lambda: _instance_calls(first, client))
-            )
+            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(first, client)))
             await asyncio.sleep(2.5)  # beating in real time: nothing happens
             assert await _move_calls(handle) == 0
 
@@ -77,9 +75,7 @@ async def test_a_dead_process_gets_its_calls_moved_and_a_live_one_keeps_them(
             # The web client reconnected to another process, which serves the call now.
             await second.start()
             await handle.signal("answered", SessionStarted(second.instance_id))
-            await _eventually(
-                lambda: _in(start.call_id, lambda: _instance_calls(second, client))
-            )
+            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(second, client)))
             await asyncio.sleep(2.5)
             assert await _move_calls(handle) == 1
             await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
@@ -112,9 +108,7 @@ async def test_a_supervisor_hangup_reaches_the_web_session_through_its_process(
                 client, start.call_id, instance=instance, on_workflow_closed=told.append
             )
             lifecycle.answered()
-            await _eventually(
-                lambda: _in(start.call_id, lambda: _instance_calls(instance, client))
-            )
+            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(instance, client)))
             hangup = asyncio.create_task(
                 handle.execute_update(
                     "supervisor_hangup",

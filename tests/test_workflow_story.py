@@ -305,16 +305,16 @@ async def test_temporal_workflow_show_tells_the_story_of_a_call(
             "started CallWorkflow",
             "signal answered",
             "search attribute BuilderCallStatus=in-progress",
-            "activity record_call_status",
-            "activity record_call_event (call.started)",
-            "signal turns_committed",  # the greeting (and the question)
+            "local activity record_call_status",
+            "local activity record_call_event (call.started)",
+            "signal turns_committed",  # the greeting
             "update run_tools",
             "local activity load_call_tools (load the agent's tools)",
             "activity tool.webhook (lookup_order (webhook))",
             "update completed",
-            "signal turns_committed",  # the answer
+            "signal turns_committed",  # the question and its answer, heard
             "search attribute BuilderCallStatus=ended",
-            "activity record_call_status",
+            "local activity record_call_status",
             "search attribute BuilderEndedReason=caller-hangup",
             "child PostCallWorkflow "
             f"{call_id}-post-call "
@@ -323,19 +323,21 @@ async def test_temporal_workflow_show_tells_the_story_of_a_call(
             "completed",
         ],
     )
-    # The turns are saved (every 5 s, and at the end) and the tool's call event is
+    # The turns are saved as their batches arrive and the tool's call event is
     # recorded after the tool ran, before the call's end is recorded; "ended" comes
     # from the realtime side when the caller hangs up.
     tool_done, status_ended = at[9], at[11]
     for step in (
-        "activity save_call_turns",
-        "activity record_call_event (tool.called)",
+        "local activity save_call_turns",
+        "local activity record_call_event (tool.called)",
         "signal ended",
     ):
         assert step in lines[tool_done:status_ended], step
     assert lines.count("update run_tools") == 1
     assert lines.count("activity tool.webhook (lookup_order (webhook))") == 1
     assert lines.count("signal ended") == 1
+    # Three turns (greeting; question and answer): a signal per exchange, not per turn.
+    assert lines.count("signal turns_committed") == 2
 
     # The paperwork after the call, in its own workflow.
     in_order(
@@ -343,11 +345,11 @@ async def test_temporal_workflow_show_tells_the_story_of_a_call(
         [
             "started PostCallWorkflow",
             "activity finalize_recording",
-            "activity check_transcript",
-            "activity record_call_event (call.ended)",
-            "activity plan_call_analysis",
-            "activity save_call_analysis",
-            "activity record_call_event (call.analyzed)",
+            "local activity check_transcript",
+            "local activity record_call_event (call.ended)",
+            "local activity plan_call_analysis",
+            "local activity save_call_analysis",
+            "local activity record_call_event (call.analyzed)",
             "completed",
         ],
     )
@@ -380,8 +382,8 @@ async def test_temporal_workflow_show_tells_the_story_of_a_call(
         "acceptedRequest.input.name: run_tools",
         "activityType.name: tool.webhook",
         "userMetadata.summary: lookup_order (webhook)",
-        "activityType.name: save_call_turns",
-        "activityType.name: record_call_status",
+        "details.data[0].activity_type: save_call_turns",
+        "details.data[0].activity_type: record_call_status",
         "workflowType.name: PostCallWorkflow",
     ):
         assert line in detailed, line

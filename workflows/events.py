@@ -2,7 +2,7 @@
 
 ``await publish_event("call.started", call_id=..., organization_id=...)`` from any workflow:
 
-1. the ``record_call_event`` activity writes the ``CallEvent`` row (the event id is made
+1. the ``record_call_event`` local activity writes the ``CallEvent`` row (the event id is made
    here, deterministically, so a retried activity records it once), builds the event's
    complete body from the database and creates one ``WebhookDelivery`` per target: the
    organization's active endpoints subscribed to the event type, plus the agent's own
@@ -138,7 +138,8 @@ async def publish_event(
         occurred_at=workflow.now(),
         detail=dict(detail or {}),
     )
-    recorded: RecordedEvent = await workflow.execute_activity(
+    # A local activity: a short database write, idempotent by the event id made above.
+    recorded: RecordedEvent = await workflow.execute_local_activity(
         "record_call_event",
         event,
         result_type=RecordedEvent,

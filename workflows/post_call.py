@@ -121,7 +121,7 @@ class PostCallWorkflow:
         events.append(ended.event_id)
 
         analysis = await self._analyze(job, transcript)
-        await workflow.execute_activity(
+        await workflow.execute_local_activity(
             "save_call_analysis",
             AnalysisRecord(job.call_id, job.organization_id, analysis),
             start_to_close_timeout=timedelta(seconds=30),
@@ -148,7 +148,7 @@ class PostCallWorkflow:
 
     async def _check_transcript(self, job: PostCallInput) -> TranscriptCheck | None:
         try:
-            check: TranscriptCheck = await workflow.execute_activity(
+            check: TranscriptCheck = await workflow.execute_local_activity(
                 "check_transcript",
                 job,
                 result_type=TranscriptCheck,
@@ -166,7 +166,7 @@ class PostCallWorkflow:
         if transcript is not None:
             checked = {"turns": transcript.turns, "complete": transcript.complete}
         try:
-            steps: AnalysisSteps = await workflow.execute_activity(
+            steps: AnalysisSteps = await workflow.execute_local_activity(
                 "plan_call_analysis",
                 job,
                 result_type=AnalysisSteps,

@@ -1,0 +1,25 @@
+"""Reading a workflow's history in tests: which activities ran, regular and local."""
+
+from __future__ import annotations
+
+import json
+
+from temporalio.client import WorkflowHistory
+
+LOCAL_ACTIVITY_MARKER = "core_local_activity"
+
+
+def activities_run(history: WorkflowHistory, *, local: bool | None = None) -> list[str]:
+    """Activity types in history order: a regular activity when it was scheduled, a local
+    one by the marker that records its result. ``local``: only local (True) or only
+    regular (False) ones."""
+    names: list[str] = []
+    for event in history.events:
+        if event.HasField("activity_task_scheduled_event_attributes") and local is not True:
+            names.append(event.activity_task_scheduled_event_attributes.activity_type.name)
+        elif event.HasField("marker_recorded_event_attributes") and local is not False:
+            marker = event.marker_recorded_event_attributes
+            if marker.marker_name == LOCAL_ACTIVITY_MARKER:
+                data = json.loads(marker.details["data"].payloads[0].data)
+                names.append(str(data["activity_type"]))
+    return names
