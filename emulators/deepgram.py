@@ -84,6 +84,7 @@ class DeepgramSession:
     params: dict[str, str]  # query parameters (last value of repeated ones)
     query: dict[str, list[str]]  # all of them
     audio_bytes: int = 0
+    audio_messages: list[int] = field(default_factory=list)  # each audio message's size
     keepalives: int = 0
     finalizes: int = 0
     close_stream: bool = False
@@ -524,6 +525,7 @@ class DeepgramEmulator:
                 return
             if isinstance(message, bytes):
                 session.audio_bytes += len(message)
+                session.audio_messages.append(len(message))
                 emits = recognizer.feed(message)
                 session.utterances = recognizer.utterance_count
             else:

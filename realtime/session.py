@@ -43,7 +43,7 @@ from realtime.providers.base import (
 from realtime.recorder import StereoRecorder
 from realtime.sentences import SentenceChunker
 from realtime.state import CallPhase, CallStateMachine
-from realtime.stats import RealtimeStats
+from realtime.stats import FrameMeter, RealtimeStats
 from realtime.tools import (
     FILLER_REPEAT_S,
     FLUSH,
@@ -139,6 +139,7 @@ class CallSession:
         self.lifecycle = lifecycle
         self.recorder = recorder
         self.stats = stats or RealtimeStats()
+        self._frame_meter = FrameMeter(self.stats)
         self.clock = clock
         self.state = CallStateMachine(on_change=self._on_phase)
         self.policy = TurnPolicy.from_config(setup.config.turn)
@@ -313,8 +314,8 @@ class CallSession:
         if self._ended.is_set():
             return
         now = self.clock()
-        # This frame's processing time, CPU and wall (a negative start, closed at the end).
-        cpu_s, wall_s = -time.thread_time(), -time.perf_counter()
+        meter = self._frame_meter
+        meter.begin()
         to_asr = self._to_asr.convert(audio)
         pcm = self._to_vad.convert_to_pcm(audio)
         if self._vad_batcher is None:
@@ -322,12 +323,11 @@ class CallSession:
         else:
             # The model runs once for the windows of every call of this loop turn; the
             # frame is charged its share of that run, not the wait for the turn to end.
-            cpu_s, wall_s = cpu_s + time.thread_time(), wall_s + time.perf_counter()
+            meter.pause()
             probabilities = await self._vad.process_windows_batched(pcm, self._vad_batcher)
             if self._ended.is_set():
                 return
-            share = self._vad.model_share_s
-            cpu_s, wall_s = cpu_s + share - time.thread_time(), wall_s + share - time.perf_counter()
+            meter.resume(self._vad.model_share_s)
         window_ms = self._vad.window_ms
         for probability in probabilities:
             start = self._vad_ms
@@ -338,12 +338,12 @@ class CallSession:
         self._audio_ms += 1000.0 * len(pcm) / self._vad.sample_rate
         self.tracker.push_energy(rms_dbfs(pcm), frame_start_ms, self._audio_ms)
         self._audio_wall = now
-        self.stats.frame_processed(cpu_s + time.thread_time(), wall_s + time.perf_counter())
+        meter.end()
         if self.recorder is not None:
             self.recorder.add_caller(self._recording_samples(audio, pcm))
         self._follow_turn()
         if self._asr is not None:
-            await self._asr.send_audio(to_asr)
+            await self._asr.send_audio(to_asr, voiced=self.tracker.maybe_speaking(self._audio_ms))
 
     def _recording_samples(self, audio: bytes, vad_pcm: npt.NDArray[np.int16]) -> Any:
         if self._vad.sample_rate == self.setup.media_format.sample_rate:

@@ -91,6 +91,14 @@ class VoiceTracker:
             self.onset_ms = None  # a click, not speech
         return False
 
+    def maybe_speaking(self, now_ms: float, hangover_ms: float = 200.0) -> bool:
+        """Speech (or what may become speech) is under way, or there was sound within
+        ``hangover_ms``: the audio may hold words."""
+        if self.in_speech or self.onset_ms is not None:
+            return True
+        loud_end = self.last_loud_end_ms
+        return loud_end is not None and now_ms - loud_end <= hangover_ms
+
     def pause_ms(self, now_ms: float) -> float:
         """Silence since the last voiced audio (0 while voiced)."""
         if self.last_voice_end_ms is None:

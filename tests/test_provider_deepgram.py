@@ -305,6 +305,43 @@ async def test_send_audio_never_waits_on_the_network(emulator: DeepgramEmulator)
     await rec.stop()
 
 
+async def test_silence_goes_out_in_fewer_messages_and_speech_at_once(
+    emulator: DeepgramEmulator,
+) -> None:
+    """Unvoiced audio is held for ~240 ms a message, voiced audio for ~60 ms, and the
+    first voiced frame sends what was held, so speech never waits behind silence."""
+    asr = make_asr(emulator)
+    stream, rec = await open_recorded(asr)
+    async with asyncio.timeout(2):
+        while not stream.connected:
+            await asyncio.sleep(0.005)
+    session = emulator.sessions[0]
+
+    async def frames(count: int, *, voiced: bool) -> None:
+        for _ in range(count):
+            await stream.send_audio(silence(0.02), voiced=voiced)
+            await asyncio.sleep(0.001)  # the sender runs between frames, as in a call
+
+    async def messages(count: int) -> list[int]:
+        async with asyncio.timeout(2):
+            while len(session.audio_messages) < count:
+                await asyncio.sleep(0.005)
+        return list(session.audio_messages)
+
+    await frames(48, voiced=False)  # 960 ms of silence: four messages of 240 ms
+    assert await messages(4) == [asr.idle_send_bytes] * 4
+    await frames(5, voiced=False)  # 100 ms held...
+    await asyncio.sleep(0.1)
+    assert len(session.audio_messages) == 4
+    await frames(1, voiced=True)  # ...until the caller may be speaking: sent at once
+    assert (await messages(5))[4] == 6 * FRAME
+    await frames(30, voiced=True)  # 600 ms of speech: ten messages of 60 ms
+    assert (await messages(15))[5:] == [asr.send_bytes] * 10
+    assert asr.send_bytes == 3 * FRAME and asr.idle_send_bytes == 12 * FRAME
+    await stream.close()
+    await rec.stop()
+
+
 async def test_from_config_prefers_the_agent_base_url(emulator: DeepgramEmulator) -> None:
     settings = Settings(
         deepgram_api_key=KEY,

@@ -96,6 +96,24 @@ def test_voiced_time_of_confirmed_speech_counts_the_loud_frames_after_the_last_w
     assert not fresh.in_speech and fresh.voiced_ms() == 32
 
 
+def test_the_caller_may_be_speaking_from_the_first_sound_until_a_pause() -> None:
+    """What the recognizer is told (voiced audio goes out without waiting)."""
+    tracker = VoiceTracker(min_speech_ms=96)
+    for t in range(0, 400, 20):  # silence
+        tracker.push_energy(-90.0, t, t + 20)
+    assert not tracker.maybe_speaking(400)
+    tracker.push_energy(-20.0, 400, 420)  # a sound: before any VAD window says so
+    assert tracker.maybe_speaking(420)
+    tracker.push(0.9, 384, 32)  # a candidate onset keeps it so
+    for t in range(420, 800, 20):
+        tracker.push_energy(-90.0, t, t + 20)
+    assert tracker.maybe_speaking(800)
+    tracker.push(0.05, 416, 32)  # a click after all
+    assert tracker.onset_ms is None
+    assert not tracker.maybe_speaking(800)  # 380 ms since the last sound
+    assert tracker.maybe_speaking(600)  # within the 200 ms hangover
+
+
 def test_numbers_get_more_patience_and_backchannels_do_not_interrupt() -> None:
     policy = TurnPolicy.from_config(
         TurnConfig(

@@ -70,8 +70,12 @@ AsrEvent = TranscriptEvent | SpeechStartedEvent | UtteranceEndEvent
 class AsrStream(Protocol):
     """One call's streaming recognition session."""
 
-    async def send_audio(self, audio: bytes) -> None:
-        """Audio in the provider's ``input_format``; returns quickly (never waits on results)."""
+    async def send_audio(self, audio: bytes, *, voiced: bool = True) -> None:
+        """Audio in the provider's ``input_format``; returns quickly (never waits on results).
+
+        ``voiced``: whether the caller may be speaking in it (the session's VAD and frame
+        energy). A provider may hold unvoiced audio a little longer before sending it, in
+        fewer and larger messages; voiced audio goes out at the usual pace."""
 
     def events(self) -> AsyncIterator[AsrEvent]:
         """Results as they come; ends when the stream is closed."""

@@ -58,6 +58,10 @@ _MAX_MESSAGE_BYTES: Final = 8000  # coalesce a backlog into messages of up to 1 
 #: websocket message per 20 ms frame costs three times the CPU here and at the far end,
 #: and a Finalize flushes whatever is waiting, so the final result is not delayed.
 SEND_EVERY_MS: Final = 60.0
+#: ...and while the caller is silent, in messages of this much: nothing waits on the
+#: results of silence, and most of a call's inbound audio is silence. The first voiced
+#: frame sends what is held at once.
+IDLE_SEND_EVERY_MS: Final = 240.0
 
 SocketFactory = Callable[[], AbstractAsyncContextManager[AsyncV1SocketClient]]
 
@@ -114,6 +118,7 @@ class DeepgramAsr:
         close_timeout_s: float = 2.0,
         max_backlog_s: float = 10.0,
         send_every_ms: float = SEND_EVERY_MS,
+        idle_send_every_ms: float = IDLE_SEND_EVERY_MS,
         keywords: Sequence[str] = (),
         client: AsyncDeepgramClient | None = None,
     ) -> None:
@@ -128,7 +133,9 @@ class DeepgramAsr:
         self.connect_timeout_s = connect_timeout_s
         self.close_timeout_s = close_timeout_s
         self.max_backlog_bytes = round(max_backlog_s * self.input_format.bytes_per_second)
-        self.send_bytes = max(1, round(send_every_ms / 1000 * self.input_format.bytes_per_second))
+        bytes_per_second = self.input_format.bytes_per_second
+        self.send_bytes = max(1, round(send_every_ms / 1000 * bytes_per_second))
+        self.idle_send_bytes = round(idle_send_every_ms / 1000 * bytes_per_second)
         self.keywords = tuple(keywords)  # the agent's; each stream may add its own
         # The registry builds providers per call, so construction must be cheap: the SDK's
         # default REST client would load TLS certificates (~15 ms of blocked event loop)
@@ -193,6 +200,7 @@ class DeepgramAsr:
             close_timeout_s=self.close_timeout_s,
             max_backlog_bytes=self.max_backlog_bytes,
             send_bytes=self.send_bytes,
+            idle_send_bytes=self.idle_send_bytes,
         )
 
 
@@ -208,6 +216,7 @@ class DeepgramStream:
         close_timeout_s: float,
         max_backlog_bytes: int,
         send_bytes: int = 1,
+        idle_send_bytes: int | None = None,
     ) -> None:
         self._connect = connect
         self._keepalive_s = keepalive_interval_s
@@ -215,6 +224,7 @@ class DeepgramStream:
         self._close_timeout_s = close_timeout_s
         self._max_backlog = max_backlog_bytes
         self._send_bytes = send_bytes
+        self._idle_send_bytes = max(send_bytes, idle_send_bytes or send_bytes)
         self._controls = 0  # Finalize / CloseStream waiting in the outbox
         self._outbox: deque[bytes | _Control] = deque()
         self._backlog = 0  # audio bytes waiting in the outbox
@@ -234,7 +244,7 @@ class DeepgramStream:
         """The websocket is open (the handshake finished and the stream has not ended)."""
         return self._connected and not self._runner.done()
 
-    async def send_audio(self, audio: bytes) -> None:
+    async def send_audio(self, audio: bytes, *, voiced: bool = True) -> None:
         if self._closing or self._failed or not audio:
             return
         self._backlog += len(audio)
@@ -242,7 +252,7 @@ class DeepgramStream:
             self._abort(ProviderError(NAME, "audio backlog: the connection is not keeping up"))
             return
         self._outbox.append(audio)
-        if self._backlog >= self._send_bytes:
+        if self._backlog >= (self._send_bytes if voiced else self._idle_send_bytes):
             self._wake.set()
 
     async def events(self) -> AsyncIterator[AsrEvent]:

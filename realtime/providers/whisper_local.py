@@ -320,7 +320,7 @@ class WhisperLocalStream:
 
     # ------------------------------------------------------------ AsrStream
 
-    async def send_audio(self, audio: bytes) -> None:
+    async def send_audio(self, audio: bytes, *, voiced: bool = True) -> None:
         """PCM16 little-endian, 16 kHz mono, any chunk size. Never waits for a decode."""
         if self._closed:
             return
