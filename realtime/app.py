@@ -21,6 +21,7 @@ from builder_engine.temporal_setup import connect
 from realtime.calls import CallLoader, ProviderFactory, SessionFactory
 from realtime.instance import RealtimeInstance
 from realtime.lifecycle import CallLifecycle, TemporalCallLifecycle
+from realtime.media.vad import VadBatcher
 from realtime.providers.registry import ProviderRegistry, ProviderResources
 from realtime.stats import RealtimeStats
 from realtime.transports.twilio import TwilioMediaHandler
@@ -33,6 +34,7 @@ class RealtimeContext:
     twilio: TwilioMediaHandler
     web: WebMediaHandler
     stats: RealtimeStats
+    vad: VadBatcher
 
 
 def create_app(settings: Settings, *, providers: ProviderFactory | None = None) -> FastAPI:
@@ -68,6 +70,7 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
             twilio=TwilioMediaHandler(loader, factory),
             web=WebMediaHandler(loader, factory),
             stats=factory.stats,
+            vad=factory.vad_batcher,
         )
         try:
             yield
@@ -93,7 +96,7 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
     async def stats() -> dict[str, float | int]:
         """Calls in progress and the cost of inbound frames (decode, resample, VAD)."""
         context: RealtimeContext = app.state.context
-        return context.stats.snapshot()
+        return {**context.stats.snapshot(), **context.vad.snapshot()}
 
     @app.websocket("/media/twilio")
     async def media_twilio(websocket: WebSocket) -> None:

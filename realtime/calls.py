@@ -87,6 +87,11 @@ class ProviderFactory(Protocol):
     def build(self, config: AgentConfig, media_format: AudioFormat) -> Providers: ...
 
 
+#: A VAD window whose every sample is below this is not run through the model (a silent
+#: line: realtime/media/vad.py, "Quiet windows").
+QUIET_LINE_DBFS = -50.0
+
+
 class SessionFactory:
     """Everything a new call session needs, shared by all calls of this process."""
 
@@ -129,7 +134,7 @@ class SessionFactory:
             self._providers.build(call.config, media_format),
             outbound,
             self._lifecycle(call.call_id),
-            vad=SileroVad(vad_rate, model=self._vad_model),
+            vad=SileroVad(vad_rate, model=self._vad_model, quiet_below_dbfs=QUIET_LINE_DBFS),
             vad_batcher=self.vad_batcher,
             recorder=recorder,
             stats=self.stats,

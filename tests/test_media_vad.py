@@ -360,3 +360,41 @@ async def test_batched_streams_get_the_probabilities_they_would_get_alone() -> N
         assert np.allclose(got, alone(*stream), atol=1e-6)
     assert batcher.windows == sum(len(r) for r in results)
     assert batcher.runs < batcher.windows / 3
+
+
+def test_a_quiet_line_skips_the_model_and_finds_the_same_speech() -> None:
+    """With the quiet floor (as calls use it), digital silence and near-silence do not
+    run the model, yet speech between them is found with the same timing, at 8 kHz
+    over the phone path, with and without the batcher."""
+    import asyncio
+
+    from realtime.media.vad import VadBatcher
+
+    lead = 16000
+    line_noise = np.random.default_rng(3).integers(-8, 9, lead).astype(np.int16)  # ~-75 dBFS
+    parts = [np.zeros(lead, np.int16), _babble(1.2, seed=5), line_noise, _babble(0.9, seed=6)]
+    pcm8k = _phone_path(np.concatenate([*parts, np.zeros(lead, np.int16)]))[::2].copy()
+    model = SileroModel()
+    with SileroVad(8000, model=model) as exact:
+        exact_probs, exact_events = _events(exact, pcm8k, 160)
+    with SileroVad(8000, model=model, quiet_below_dbfs=-50.0) as gated:
+        gated_probs, gated_events = _events(gated, pcm8k, 160)
+        skipped = gated.quiet_windows
+    assert [e.kind for e in exact_events] == [START, END, START, END]
+    assert [e.kind for e in gated_events] == [e.kind for e in exact_events]
+    for a, b in zip(exact_events, gated_events, strict=True):
+        assert abs(a.at_ms - b.at_ms) <= 64.0, (a, b)
+    windows = len(exact_probs)
+    assert skipped > windows * 0.4  # the three seconds of (near) silence
+    assert max(p for p, q in zip(gated_probs, exact_probs, strict=True) if q < 0.1) < 0.1
+
+    async def batched() -> list[float]:
+        batcher = VadBatcher(model)
+        got: list[float] = []
+        with SileroVad(8000, model=model, quiet_below_dbfs=-50.0) as vad:
+            for s in range(0, pcm8k.size, 160):
+                got += await vad.process_windows_batched(pcm8k[s : s + 160], batcher)
+        assert batcher.windows == windows - skipped
+        return got
+
+    assert np.allclose(asyncio.run(batched()), gated_probs, atol=1e-6)

@@ -41,6 +41,11 @@ def clean_env() -> dict[str, str]:
     }
 
 
+def niceness(pid: int) -> int:
+    """The nice value of a running process (field 19 of /proc/<pid>/stat)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:
@@ -150,6 +155,9 @@ def test_up_runs_the_stack_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> N
         assert {"temporal", "api", "realtime", "worker"} <= set(children)
         running = processes_mentioning(str(data_dir))
         assert {children[name] for name in ("temporal", "api", "realtime", "worker")} <= running
+        # The realtime process gets the CPU first; Temporal and the worker can wait.
+        priorities = {name: niceness(pid) for name, pid in children.items() if name != "migrate"}
+        assert priorities == {"temporal": 10, "worker": 10, "api": 0, "realtime": 0}
     finally:
         code = first.interrupt()
     assert code == 0, first.output

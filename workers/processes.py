@@ -26,6 +26,17 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _before_exec(nice: int) -> Callable[[], None]:
+    def prepare() -> None:
+        if sys.platform == "linux":
+            _die_with_parent()
+        if nice:
+            with contextlib.suppress(OSError):
+                os.nice(nice)
+
+    return prepare
+
+
 class Output:
     """Writes lines prefixed with a padded process name, coloured on a terminal."""
 
@@ -57,8 +68,10 @@ class Child:
         *,
         env: Mapping[str, str] | None = None,
         ready_line: str | None = None,
+        nice: int = 0,
     ) -> None:
         self.name = name
+        self.nice = nice
         self.argv = list(argv)
         self._output = output
         self._env = dict(env) if env is not None else None
@@ -86,7 +99,7 @@ class Child:
             stderr=asyncio.subprocess.STDOUT,
             env=self._env,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_before_exec(self.nice),
         )
         self._pump = asyncio.create_task(self._copy_output(), name=f"output of {self.name}")
         self._watcher = asyncio.create_task(self._watch(), name=f"exit of {self.name}")

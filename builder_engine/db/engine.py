@@ -28,10 +28,16 @@ def _ensure_sqlite_folder(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
+def _is_sqlite(url: str) -> bool:
+    return sa.make_url(url).get_backend_name() == "sqlite"
+
+
 def create_sync_engine(settings: Settings) -> sa.Engine:
     url = settings.sync_database_url
     _ensure_sqlite_folder(url)
-    engine = sa.create_engine(url, pool_pre_ping=True)
+    # A server connection may have been dropped while pooled (checked on checkout); a
+    # SQLite file cannot, and the check was a query per session.
+    engine = sa.create_engine(url, pool_pre_ping=not _is_sqlite(url))
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -40,7 +46,7 @@ def create_sync_engine(settings: Settings) -> sa.Engine:
 def create_async_db_engine(settings: Settings) -> AsyncEngine:
     url = settings.async_database_url
     _ensure_sqlite_folder(url)
-    engine = create_async_engine(url, pool_pre_ping=True)
+    engine = create_async_engine(url, pool_pre_ping=not _is_sqlite(url))
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
