@@ -2,10 +2,11 @@
 
 ``TwilioPhone`` connects to a `/media/twilio` endpoint the way Twilio does after
 ``<Connect><Stream>``: ``connected``, ``start`` (with the TwiML parameters), then one
-20 ms mu-law frame every 20 ms for the whole call - silence when the caller says
-nothing. The agent's audio is "played" on a clock: marks come back when the audio
-sent before them has played, and ``clear`` drops the buffer and returns every pending
-mark at once, as Twilio does.
+20 ms mu-law frame every 20 ms for the whole call - digital silence when the caller says
+nothing (or ``line_noise``, looped). The agent's audio is "played" on a clock: marks come
+back when the audio sent before them has played, and ``clear`` drops the buffer and
+returns every pending mark at once, as Twilio does. Whenever the buffer runs dry in the
+middle of an answer, the caller hears a gap: ``underruns`` keeps their lengths.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from realtime.media.mulaw import pcm16_to_ulaw
 FRAME_MS = 20
 FRAME_BYTES = 160
 SILENCE = b"\xff" * FRAME_BYTES
+#: Audio arriving this long after the last is the start of another answer, not a gap.
+ANSWER_BREAK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class TwilioPhone:
         call_sid: str | None = None,
         stream_sid: str | None = None,
         history: int | None = None,
+        line_noise: bytes | None = None,
     ) -> None:
         self.url = url
         self.parameters = parameters
@@ -67,6 +71,10 @@ class TwilioPhone:
         # ``history`` bounds what is kept (long soaks); None keeps everything.
         self.received: collections.deque[Received] = collections.deque(maxlen=history)
         self.marks_echoed: list[str] = []
+        #: Each time the agent's audio ran out mid-answer: how long the caller heard nothing (s).
+        self.underruns: list[float] = []
+        idle = [SILENCE] if not line_noise else _frames(line_noise)
+        self._idle_payloads = [base64.b64encode(frame).decode() for frame in idle]
         self.closed = asyncio.Event()
         self._ws: ClientConnection | None = None
         self._outgoing: asyncio.Queue[tuple[bytes, Utterance | None]] = asyncio.Queue()
@@ -74,6 +82,7 @@ class TwilioPhone:
         self._marks: collections.deque[tuple[float, str]] = collections.deque()
         self._play_until = 0.0  # when the buffered agent audio will have played
         self._last_media_at: float | None = None
+        self._answer_media_at: float | None = None  # the last frame of the current answer
         self._media_waiters: list[tuple[float, asyncio.Future[float]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._sequence = 0
@@ -150,10 +159,7 @@ class TwilioPhone:
 
     def say(self, pcm8k: npt.NDArray[np.int16]) -> Utterance:
         """Queue caller audio (8 kHz PCM); it goes out in real time after what is queued."""
-        audio = pcm16_to_ulaw(pcm8k)
-        frames = [audio[i : i + FRAME_BYTES] for i in range(0, len(audio), FRAME_BYTES)]
-        if frames and len(frames[-1]) < FRAME_BYTES:
-            frames[-1] = frames[-1] + SILENCE[len(frames[-1]) :]
+        frames = _frames(pcm16_to_ulaw(pcm8k))
         utterance = Utterance(frames=len(frames))
         for frame in frames:
             self._outgoing.put_nowait((frame, utterance))
@@ -187,10 +193,11 @@ class TwilioPhone:
                 await asyncio.sleep(delay)
             try:
                 frame, utterance = self._outgoing.get_nowait()
+                payload = base64.b64encode(frame).decode()
             except asyncio.QueueEmpty:
-                frame, utterance = SILENCE, None
+                utterance = None
+                payload = self._idle_payloads[sent % len(self._idle_payloads)]
             chunk += 1
-            payload = base64.b64encode(frame).decode()
             message = (
                 f'{{"event":"media","sequenceNumber":"{self._next_sequence()}",'
                 f'"streamSid":"{self.stream_sid}","media":{{"track":"inbound",'
@@ -223,6 +230,10 @@ class TwilioPhone:
                 if event == "media":
                     audio = base64.b64decode(message["media"]["payload"])
                     self.received.append(Received(now, "media", payload=audio))
+                    last = self._answer_media_at
+                    if last is not None and now - last < ANSWER_BREAK_S and now > self._play_until:
+                        self.underruns.append(now - self._play_until)
+                    self._answer_media_at = now
                     self._play_until = max(self._play_until, now) + len(audio) / 8000
                     self._last_media_at = now
                     self._wake_media_waiters(now)
@@ -237,6 +248,7 @@ class TwilioPhone:
                     self._marks.clear()
                     self._marks_changed.set()
                     self._play_until = now
+                    self._answer_media_at = None  # what comes next is another answer
                     for name in pending:
                         await self._echo_mark(name)
         except ConnectionClosed:
@@ -331,3 +343,11 @@ class TwilioPhone:
                 raise TimeoutError("the agent kept talking")
             quiet_at = (last if last is not None else now) + quiet_s
             await asyncio.sleep(min(max(quiet_at, self._play_until) - now, deadline - now) + 0.001)
+
+
+def _frames(audio: bytes) -> list[bytes]:
+    """20 ms frames of mu-law audio, the last one padded with silence."""
+    frames = [audio[i : i + FRAME_BYTES] for i in range(0, len(audio), FRAME_BYTES)]
+    if frames and len(frames[-1]) < FRAME_BYTES:
+        frames[-1] = frames[-1] + SILENCE[len(frames[-1]) :]
+    return frames

@@ -119,6 +119,7 @@ class SessionFactory:
         media_format: AudioFormat,
         *,
         resume: bool = False,
+        frame_ms: float = 20.0,
     ) -> CallSession:
         """``resume``: the call moved here from a realtime worker that died; the session
         restores the conversation from the CallWorkflow and does not greet again."""
@@ -130,7 +131,14 @@ class SessionFactory:
             )
         vad_rate = 8000 if media_format.sample_rate == 8000 else 16000
         session = CallSession(
-            CallSetup(call.call_id, call.config, media_format, call.variables, tools=call.tools),
+            CallSetup(
+                call.call_id,
+                call.config,
+                media_format,
+                call.variables,
+                frame_ms=frame_ms,
+                tools=call.tools,
+            ),
             self._providers.build(call.config, media_format),
             outbound,
             self._lifecycle(call.call_id),

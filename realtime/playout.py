@@ -61,8 +61,10 @@ class _MarkItem:
 @dataclass
 class PlayoutStats:
     frames_sent: int = 0
-    max_gap_ms: float = 0.0
-    gaps_over_40ms: int = 0
+    #: How late a frame went out after the one before it, beyond one frame's duration:
+    #: the largest, and how many were over 40 ms (the far end's buffer is the 60 ms lead).
+    max_late_ms: float = 0.0
+    late_over_40ms: int = 0
     _last_send: float | None = field(default=None, repr=False)
 
 
@@ -242,10 +244,10 @@ class Playout:
         segment.sent_bytes += self._frame_bytes
         stats = self.stats
         if stats._last_send is not None and self._spurt_sent_s > self._frame_s:
-            gap_ms = (sent_at - stats._last_send) * 1000.0
-            stats.max_gap_ms = max(stats.max_gap_ms, gap_ms)
-            if gap_ms > 40.0:
-                stats.gaps_over_40ms += 1
+            late_ms = (sent_at - stats._last_send - self._frame_s) * 1000.0
+            stats.max_late_ms = max(stats.max_late_ms, late_ms)
+            if late_ms > 40.0:
+                stats.late_over_40ms += 1
         stats._last_send = sent_at
         stats.frames_sent += 1
         if first and self._on_first_frame is not None:

@@ -79,6 +79,8 @@ class CallSetup:
     media_format: AudioFormat
     variables: dict[str, VariableValue] = field(default_factory=dict)
     lead_ms: float = 60.0
+    #: Agent audio goes out in messages of this much (the transport's choice).
+    frame_ms: float = 20.0
     tools: tuple[ToolDef, ...] = ()  # the agent's tools, offered to the model
 
 
@@ -150,10 +152,11 @@ class CallSession:
         self.tools = ToolDesk(setup.call_id, setup.tools, lifecycle, self.conversation)
         self._reply: Reply | None = None  # the answer in progress, across its tool rounds
         fmt = setup.media_format
-        frame_bytes = fmt.bytes_per_second // 50  # 20 ms
+        frame_bytes = round(fmt.bytes_per_second * setup.frame_ms / 1000.0)
         self.playout = Playout(
             _RecordingOutbound(outbound, recorder, fmt),
             frame_bytes=frame_bytes,
+            frame_ms=setup.frame_ms,
             lead_ms=setup.lead_ms,
             silence_byte=0xFF if fmt.encoding == "mulaw" else 0x00,
             clock=clock,
@@ -165,7 +168,6 @@ class CallSession:
         self._to_vad = AudioConverter(fmt, vad_format)
         self._to_asr = AudioConverter(fmt, providers.asr.input_format)
         self._from_tts = AudioConverter(providers.tts.output_format, fmt)
-        self._frame_ms = 20.0
         self._asr: AsrStream | None = None
         self._ended = asyncio.Event()
         self.ended_reason: str | None = None
@@ -278,7 +280,7 @@ class CallSession:
             self.recorder.close()
         self.state.to(CallPhase.ENDED)
         self.lifecycle.ended(self.ended_reason or EndedReason.FAILED)
-        self.stats.call_ended(self.playout.stats.max_gap_ms, self.playout.stats.gaps_over_40ms)
+        self.stats.call_ended(self.playout.stats.max_late_ms, self.playout.stats.late_over_40ms)
         await self.lifecycle.aclose()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:

@@ -38,9 +38,10 @@ class FrameTimes:
         values = self._values if self._filled else self._values[: self._next]
         if values.size == 0:
             return {}
-        p50, p99, top = np.percentile(values, [50, 99, 100]) * 1000.0
+        p50, p95, p99, top = np.percentile(values, [50, 95, 99, 100]) * 1000.0
         return {
             f"{prefix}_p50_ms": round(float(p50), 4),
+            f"{prefix}_p95_ms": round(float(p95), 4),
             f"{prefix}_p99_ms": round(float(p99), 4),
             f"{prefix}_max_ms": round(float(top), 4),
         }
@@ -57,8 +58,9 @@ class RealtimeStats:
     bargein: FrameTimes = field(default_factory=lambda: FrameTimes(capacity=10_000))
     active_calls: int = 0
     calls_started: int = 0
-    max_outbound_gap_ms: float = 0.0
-    outbound_gaps_over_40ms: int = 0
+    #: Outbound frames sent late (beyond their frame's duration after the one before).
+    max_outbound_late_ms: float = 0.0
+    outbound_late_over_40ms: int = 0
 
     def frame_processed(self, cpu_s: float, wall_s: float) -> None:
         """A timed frame's cost (``frames`` counts every frame, timed or not)."""
@@ -69,17 +71,17 @@ class RealtimeStats:
         self.active_calls += 1
         self.calls_started += 1
 
-    def call_ended(self, max_gap_ms: float, gaps_over_40ms: int) -> None:
+    def call_ended(self, max_late_ms: float, late_over_40ms: int) -> None:
         self.active_calls -= 1
-        self.max_outbound_gap_ms = max(self.max_outbound_gap_ms, max_gap_ms)
-        self.outbound_gaps_over_40ms += gaps_over_40ms
+        self.max_outbound_late_ms = max(self.max_outbound_late_ms, max_late_ms)
+        self.outbound_late_over_40ms += late_over_40ms
 
     def snapshot(self) -> dict[str, float | int]:
         return {
             "active_calls": self.active_calls,
             "calls_started": self.calls_started,
-            "max_outbound_gap_ms": round(self.max_outbound_gap_ms, 2),
-            "outbound_gaps_over_40ms": self.outbound_gaps_over_40ms,
+            "max_outbound_late_ms": round(self.max_outbound_late_ms, 2),
+            "outbound_late_over_40ms": self.outbound_late_over_40ms,
             "frames": self.frames,
             **self.frame_cpu.percentiles_ms("frame"),
             **self.frame_wall.percentiles_ms("frame_wall"),

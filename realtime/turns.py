@@ -36,7 +36,11 @@ class VoiceTracker:
 
     start_threshold: float = 0.5
     end_threshold: float = 0.35
-    min_speech_ms: float = 100.0
+    #: Two model windows of voice confirm speech (one can be a click). How long speech
+    #: must last to count - to interrupt the agent, say - is the turn policy's business
+    #: (``interrupt_min_ms``), measured from when the sound began; confirming later than
+    #: that only delayed every barge-in (by ~60 ms with four windows).
+    min_speech_ms: float = 64.0
 
     #: A frame this far above the noise floor (and above the absolute floor) is sound.
     loud_over_floor_db: float = 12.0

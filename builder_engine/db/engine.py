@@ -16,7 +16,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    # One writer at a time: a burst of calls starting together queues its writes (each
+    # commit is synced to disk), and a writer at the back of the queue must wait, not fail.
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 

@@ -27,6 +27,10 @@ START_TIMEOUT_S = 10.0
 MEDIA_TIMEOUT_S = 15.0
 #: Bad frames tolerated per call before the stream is considered broken.
 MAX_BAD_FRAMES = 50
+#: Agent audio goes to Twilio in media messages of 40 ms (Twilio takes any length; it
+#: plays what it buffers). Twice the audio per message of a 20 ms frame: half the
+#: messages to build and send, here and at Twilio, at the same 60 ms lead.
+OUTBOUND_FRAME_MS = 40.0
 #: Close codes of a stream that broke rather than hung up: protocol error, unacceptable
 #: data, invalid UTF-8, a message over the server's size limit (uvicorn's ws_max_size).
 _BROKEN_STREAM_CODES = frozenset({1002, 1003, 1007, 1009})
@@ -115,7 +119,9 @@ class TwilioMediaHandler:
         outbound = TwilioOutbound(websocket, start.stream_sid)
         # resume=1: the CallWorkflow moved this live call here (its worker died).
         resume = start.custom_parameters.get("resume") == "1"
-        session = await self._sessions.create(call, outbound, MULAW_8K, resume=resume)
+        session = await self._sessions.create(
+            call, outbound, MULAW_8K, resume=resume, frame_ms=OUTBOUND_FRAME_MS
+        )
         runner = asyncio.create_task(session.run(), name=f"{call.call_id}:session")
         pump = asyncio.create_task(self._pump(websocket, start.stream_sid, session, stats))
         # When the session ends by itself (the agent hung up), stop reading the socket.
