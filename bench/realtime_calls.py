@@ -282,8 +282,21 @@ async def wait_wrapped_up(client: Client, within: float) -> None:
         if (await client.count_workflows(query)).count == 0:
             return
         await asyncio.sleep(0.5)
-    running = [f"{w.workflow_type} {w.id}" async for w in client.list_workflows(query)]
-    raise TimeoutError(f"{len(running)} calls still wrapping up: {running[:5]}")
+    running = [w async for w in client.list_workflows(query)]
+    if running:  # what the first one is waiting for
+        from temporalio.api.enums.v1 import EventType
+
+        stuck = client.get_workflow_handle(running[0].id)
+        history = await stuck.fetch_history()
+        print(f"{running[0].workflow_type} {running[0].id}, its last events:")
+        for event in history.events[-12:]:
+            print("   ", event.event_id, EventType.Name(event.event_type))
+        pending = (await stuck.describe()).raw_description.pending_activities
+        for activity in pending:
+            name, attempt = activity.activity_type.name, activity.attempt
+            print(f"    pending: {name} attempt {attempt}: {activity.last_failure.message}")
+    names = [f"{w.workflow_type} {w.id}" for w in running]
+    raise TimeoutError(f"{len(running)} calls still wrapping up: {names[:5]}")
 
 
 async def agent_turns(settings: Settings) -> list[CallTurn]:

@@ -61,6 +61,7 @@ class RealtimeInstance:
         self._workflow_id = instance_workflow_id(self.instance_id)
         self._handle = client.get_workflow_handle(self._workflow_id)
         self._sessions: dict[str, CommandHandler] = {}
+        self._leftovers: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed_check: asyncio.Task[None] | None = None
         self.beats = 0
@@ -76,8 +77,14 @@ class RealtimeInstance:
     def unregister(self, call_id: str) -> None:
         self._sessions.pop(call_id, None)
 
+    def keep(self, task: asyncio.Task[None]) -> None:
+        """Hold on to a call's last deliveries (its ``ended`` signal) until they are done,
+        after the session itself has gone; process shutdown cancels them."""
+        self._leftovers.add(task)
+        task.add_done_callback(self._leftovers.discard)
+
     async def aclose(self) -> None:
-        for task in (self._task, self._closed_check):
+        for task in (self._task, self._closed_check, *self._leftovers):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -108,7 +115,8 @@ class RealtimeInstance:
                 if self._closed_check is None or self._closed_check.done():
                     self._closed_check = asyncio.create_task(self._check_closed_calls())
             try:
-                await asyncio.wait_for(self._beat(), BEAT_TIMEOUT_S)
+                async with asyncio.timeout(BEAT_TIMEOUT_S):
+                    await self._beat()
                 failures = 0
             except Exception as exc:
                 failures += 1

@@ -93,6 +93,12 @@ _CLOSED = frozenset(
 )
 #: Longest a caller's committed turn waits for the agent's answer to share its signal.
 TURN_BATCH_S = 5.0
+#: How long the end of a call is retried (the workflow waits for it: without it the call
+#: stays open). Other signals give up after a few attempts.
+ENDED_DELIVERY_S = 600.0
+#: How long ``aclose`` waits for the queue to drain before leaving the rest to the
+#: process (``RealtimeInstance.keep``).
+CLOSE_WAIT_S = 10.0
 #: Longest wait for the describe and result calls that tell whether the workflow closed.
 CLOSED_CHECK_TIMEOUT_S = 5.0
 
@@ -195,17 +201,22 @@ class TemporalCallLifecycle:
                 attempt += 1
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
 
-        return await asyncio.wait_for(ask(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            return await ask()
 
     async def aclose(self) -> None:
         self._leave_instance()
         self._queue.put_nowait(None)
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), 10.0)
-        except TimeoutError:
-            log.error("gave up delivering call signals to %s", self._handle.id)
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.wait({self._task}, timeout=CLOSE_WAIT_S)
+        if not self._task.done():
+            if self._instance is not None:
+                # The session goes; its end is still on its way, retried in the background.
+                log.warning("call %s: its end is still being delivered", self._handle.id)
+                self._instance.keep(self._task)
+            else:
+                log.error("gave up delivering call signals to %s", self._handle.id)
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
         if self._closing_check is not None:
             await asyncio.gather(self._closing_check, return_exceptions=True)
 
@@ -237,7 +248,11 @@ class TemporalCallLifecycle:
             await self._send(item.name, item.arg)
 
     async def _send(self, name: str, arg: object | None) -> None:
-        for attempt in range(5):
+        loop = asyncio.get_running_loop()
+        # The end must arrive: the workflow waits for it.
+        give_up_at = loop.time() + ENDED_DELIVERY_S if name == "ended" else None
+        attempt = 0
+        while attempt < 5 or (give_up_at is not None and loop.time() < give_up_at):
             if self.workflow_closed is not None:
                 return  # nobody listens any more
             try:
@@ -255,10 +270,12 @@ class TemporalCallLifecycle:
                 error: Exception = exc
             except Exception as exc:
                 error = exc
+            attempt += 1
             log.warning(
-                "signal %s to %s failed (%s), attempt %d", name, self._handle.id, error, attempt + 1
+                "signal %s to %s failed (%s), attempt %d", name, self._handle.id, error, attempt
             )
-            await asyncio.sleep(0.2 * 2**attempt)
+            await asyncio.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
+        log.error("signal %s to %s not delivered: gave up", name, self._handle.id)
 
     async def _check_closed(self) -> bool:
         """Has the call's workflow closed (for good)? If so, tell the session, once.

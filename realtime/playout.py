@@ -105,6 +105,7 @@ class Playout:
         self._pending_marks = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closed = False
         self.stats = PlayoutStats()
 
     # ------------------------------------------------------------ producing
@@ -137,8 +138,8 @@ class Playout:
         self._put(_MarkItem(segment.generation, segment))
 
     def _put(self, item: _Frame | _MarkItem) -> None:
-        if item.generation != self._generation:
-            return  # audio of an interrupted talk spurt
+        if item.generation != self._generation or self._closed:
+            return  # audio of an interrupted talk spurt, or of a call that has ended
         self._idle.clear()
         self._queue.put_nowait(item)
 
@@ -162,8 +163,17 @@ class Playout:
         return not self._idle.is_set()
 
     async def wait_played(self) -> None:
-        """Until everything queued has been sent and confirmed played by its mark."""
+        """Until everything queued has been sent and confirmed played by its mark. Once the
+        playout is closed (the call ended) this raises ``CancelledError``: nothing more
+        will be played, and nobody may be left waiting for it."""
         await self._idle.wait()
+        if self._closed:
+            raise asyncio.CancelledError("the call's playout is closed")
+
+    def close(self) -> None:
+        """The call has ended: wake whoever waits for audio to be played."""
+        self._closed = True
+        self._idle.set()
 
     async def interrupt(self) -> str:
         """Barge-in: drop what is queued, tell the far end to drop its buffer, and

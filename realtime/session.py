@@ -8,6 +8,7 @@ paced audio back through the transport's outbound side. It owns its tasks and ti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -70,6 +71,7 @@ TIME_LIMIT_GOODBYE = "We've reached the time limit for this call. Thank you, goo
 TRANSCRIPT_WAIT_S = 1.5  # longest wait for the recognizer's final after the endpoint
 CLOSING_PLAYBACK_S = 15.0  # longest wait for a goodbye to play before hanging up
 DTMF_COLLECT_S = 1.5  # digits typed within this of each other are one entry
+TEARDOWN_WAIT_S = 5.0  # longest wait for the call's own tasks to stop when it ends
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,25 @@ def rms_dbfs(pcm: npt.NDArray[np.int16]) -> float:
     samples = pcm.astype(np.float32)
     power = float(np.dot(samples, samples)) / pcm.size
     return 10.0 * math.log10(power / (32768.0 * 32768.0) + 1e-12)
+
+
+def awaiting(task: asyncio.Task[Any]) -> str:
+    """Where a task is suspended: its chain of awaits, outermost first."""
+    lines = []
+    node: Any = task.get_coro()
+    while node is not None:
+        frame = getattr(node, "cr_frame", None) or getattr(node, "ag_frame", None)
+        frame = frame or getattr(node, "gi_frame", None)
+        if frame is None:
+            lines.append(f"\n  {node!r}")
+            break
+        lines.append(f"\n  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        node = (
+            getattr(node, "cr_await", None)
+            or getattr(node, "ag_await", None)
+            or getattr(node, "gi_yieldfrom", None)
+        )
+    return "".join(lines)
 
 
 class _RecordingOutbound:
@@ -264,22 +285,37 @@ class CallSession:
                     latency=metrics.as_latency_ms() if metrics else {},
                     tool_calls=reply.transcript_calls() if reply else None,
                 )
+        # The workflow hears of the end before anything below can get stuck.
+        self.lifecycle.ended(self.ended_reason or EndedReason.FAILED)
         tasks = [t for t in (self._response, *self._tasks) if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self.playout.close()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=TEARDOWN_WAIT_S)
+            for task in stuck:  # a bug: say where it hangs, and go on without it
+                log.error(
+                    "call %s: task %s ignored its cancellation at:%s",
+                    self.setup.call_id,
+                    task.get_name(),
+                    awaiting(task)
+                    + f" waiter={getattr(task, '_fut_waiter', None)!r}"
+                    + f" cancelling={task.cancelling()}"
+                    + f" must_cancel={getattr(task, '_must_cancel', None)}"
+                    + f" idle={self.playout._idle.is_set()} same={task is self._response}",
+                )
         # Tools still running finish in the workflow (which records them); stop waiting.
         await self.tools.aclose()
         if self._asr is not None:
             try:
-                await asyncio.wait_for(self._asr.close(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self._asr.close()
             except Exception as exc:
                 log.warning("call %s: closing ASR failed: %s", self.setup.call_id, exc)
         self._vad.close()
         if self.recorder is not None:
             self.recorder.close()
         self.state.to(CallPhase.ENDED)
-        self.lifecycle.ended(self.ended_reason or EndedReason.FAILED)
         self.stats.call_ended(self.playout.stats.max_late_ms, self.playout.stats.late_over_40ms)
         await self.lifecycle.aclose()
 
@@ -495,10 +531,13 @@ class CallSession:
                 log.warning("call %s: no final transcript in time", self.setup.call_id)
                 break
             self._transcript_changed.clear()
-            try:
-                await asyncio.wait_for(self._transcript_changed.wait(), remaining)
-            except TimeoutError:
-                continue
+            # asyncio.timeout, never wait_for, in a task that can be cancelled: on Python
+            # 3.11 wait_for returns normally when its inner wait completes as the task is
+            # cancelled, and the cancellation is lost - an answer cancelled by a barge-in
+            # went on speaking, and a call's end waited on it forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._transcript_changed.wait()
         text = self._caller_text()
         self._final_parts = []
         self._interim = ""
@@ -803,7 +842,8 @@ class CallSession:
 
         async def goodbye_then_end() -> None:
             try:
-                await asyncio.wait_for(self._say(goodbye, TurnMetrics()), CLOSING_PLAYBACK_S)
+                async with asyncio.timeout(CLOSING_PLAYBACK_S):
+                    await self._say(goodbye, TurnMetrics())
             finally:
                 self.end(reason)
 

@@ -89,9 +89,8 @@ class TwilioMediaHandler:
         await websocket.accept()
         stats = StreamStats()
         try:
-            start = await asyncio.wait_for(
-                self._wait_for_start(websocket, stats), self.start_timeout_s
-            )
+            async with asyncio.timeout(self.start_timeout_s):
+                start = await self._wait_for_start(websocket, stats)
         except (TimeoutError, WebSocketDisconnect):
             log.warning("twilio stream closed or silent before 'start'")
             await _close(websocket, 1008)
