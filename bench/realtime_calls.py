@@ -482,7 +482,9 @@ def report(
     gaps = [r.max_gap_ms for r in results]
     print(
         f"gaps in answers at the phones: calls with one {sum(g > 0 for g in gaps)}, "
-        f"longest {max(gaps, default=0):.1f} ms"
+        f"longest {max(gaps, default=0):.1f} ms; frames sent late by the realtime process "
+        f"(beyond their duration): {stats.get('outbound_late_over_40ms', 0)} over 40 ms, "
+        f"the latest {stats.get('max_outbound_late_ms', 0):.1f} ms"
     )
     print(f"realtime process /stats: {stats}")
     realtime_ms = 1000.0 * cpu["realtime"] / calls
@@ -610,6 +612,9 @@ async def main(
         results = await asyncio.gather(*tasks)
         await wait_wrapped_up(env.client, float(os.environ.get("BENCH_WRAP_UP_S", "300")))
         wrap_up = (time.monotonic() - wrap_started, meter.seconds())
+        async with httpx.AsyncClient() as client:  # the outbound figures come at each call's end
+            ended = (await client.get(f"http://127.0.0.1:{port}/stats")).json()
+        stats |= {k: v for k, v in ended.items() if k.startswith("max_outbound") or "late" in k}
         turns_done = await agent_turns(settings)
         print(
             report(

@@ -8,6 +8,7 @@ process; the call's lifecycle and turns go to its CallWorkflow in Temporal.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
             resume_state=resume_state,
         )
         loader = CallLoader(session_factory(engine))
+        watcher = asyncio.create_task(factory.stats.watch_loop(), name="loop-lag")
         app.state.context = RealtimeContext(
             twilio=TwilioMediaHandler(loader, factory),
             web=WebMediaHandler(loader, factory),
@@ -75,6 +77,7 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
         try:
             yield
         finally:
+            watcher.cancel()
             await instance.aclose()
             await resources.aclose()
             await engine.dispose()

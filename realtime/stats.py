@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -62,6 +63,26 @@ class RealtimeStats:
     max_outbound_late_ms: float = 0.0
     outbound_late_over_40ms: int = 0
 
+    #: How late the event loop ran a 20 ms timer, and of the late ones (over 20 ms late),
+    #: how much of the lateness this thread spent running code rather than waiting for
+    #: the CPU: busy means our code held the loop, idle means the OS ran something else.
+    loop_lag: FrameTimes = field(default_factory=lambda: FrameTimes(capacity=50_000))
+    late_loop_busy_s: float = 0.0
+    late_loop_waiting_s: float = 0.0
+
+    async def watch_loop(self, interval_s: float = 0.02) -> None:
+        """Run for the life of the process: measures ``loop_lag``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due, cpu = loop.time() + interval_s, time.thread_time()
+            await asyncio.sleep(interval_s)
+            late = loop.time() - due
+            self.loop_lag.add(late)
+            if late > interval_s:
+                busy = min(time.thread_time() - cpu, late + interval_s)
+                self.late_loop_busy_s += busy
+                self.late_loop_waiting_s += max(0.0, late + interval_s - busy)
+
     def frame_processed(self, cpu_s: float, wall_s: float) -> None:
         """A timed frame's cost (``frames`` counts every frame, timed or not)."""
         self.frame_cpu.add(cpu_s)
@@ -86,6 +107,9 @@ class RealtimeStats:
             **self.frame_cpu.percentiles_ms("frame"),
             **self.frame_wall.percentiles_ms("frame_wall"),
             **self.bargein.percentiles_ms("bargein"),
+            **self.loop_lag.percentiles_ms("loop_lag"),
+            "late_loop_busy_s": round(self.late_loop_busy_s, 3),
+            "late_loop_waiting_s": round(self.late_loop_waiting_s, 3),
         }
 
 
