@@ -65,7 +65,7 @@ class CallActivities:
             .returning(_CALLS.c.id)
         )
         async with self._sessions() as session:
-            updated = (await session.execute(statement)).all()
+            updated = (await (await session.connection()).execute(statement)).all()
             await session.commit()
         if not updated:
             # Retrying cannot make a missing row appear.
@@ -106,6 +106,6 @@ class CallActivities:
                 .on_conflict_do_nothing(index_elements=["call_id", "index"])
                 .returning(_TURNS.c.index)
             )
-            inserted = (await session.execute(statement)).all()
+            inserted = (await (await session.connection()).execute(statement)).all()
             await session.commit()
             return len(inserted)
