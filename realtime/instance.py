@@ -17,6 +17,7 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
+from realtime.updates import cancellation_kept
 from workflows.instances import (
     BEAT_INTERVAL_S,
     InstanceStart,
@@ -127,11 +128,12 @@ class RealtimeInstance:
 
     async def _beat(self) -> None:
         try:
-            commands: list[SessionCommand] = await self._handle.execute_update(
-                "beat",
-                result_type=list[SessionCommand],
-                rpc_timeout=timedelta(seconds=BEAT_TIMEOUT_S),
-            )
+            with cancellation_kept():  # the loop above catches every Exception
+                commands: list[SessionCommand] = await self._handle.execute_update(
+                    "beat",
+                    result_type=list[SessionCommand],
+                    rpc_timeout=timedelta(seconds=BEAT_TIMEOUT_S),
+                )
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise

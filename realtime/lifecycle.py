@@ -44,6 +44,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from builder_engine.calls import EndedReason
 from realtime.instance import WORKFLOW_CLOSED, RealtimeInstance
+from realtime.updates import cancellation_kept
 from workflows.instances import SessionCommand, SessionStarted
 from workflows.tools import ToolBatch, ToolBatchResult
 from workflows.types import CallState, CommittedTurn
@@ -188,9 +189,10 @@ class TemporalCallLifecycle:
             attempt = 0
             while True:
                 try:
-                    result: ToolBatchResult = await self._handle.execute_update(
-                        "run_tools", batch, id=update_id, result_type=ToolBatchResult
-                    )
+                    with cancellation_kept():  # a barge-in or the timeout below
+                        result: ToolBatchResult = await self._handle.execute_update(
+                            "run_tools", batch, id=update_id, result_type=ToolBatchResult
+                        )
                     return result
                 except WorkflowUpdateRPCTimeoutOrCancelledError:
                     pass  # the long poll ran out; the update goes on

@@ -497,6 +497,12 @@ class CallSession:
             endpoint=self.clock(),
             window_s=self.policy.silence_needed_ms(self._caller_text()) / 1000.0,
         )
+        log.debug(
+            "call %s: end of turn after %.0f ms of silence (%r so far)",
+            self.setup.call_id,
+            (metrics.endpoint - metrics.speech_end) * 1e3,
+            self._caller_text(),
+        )
         self.tracker.end_speech()
         self.state.to(CallPhase.PROCESSING)
         finals_before = self._finals_seen
@@ -756,6 +762,9 @@ class CallSession:
         response, self._response = self._response, None
         if response is None or response.done() or self._finishing:
             return
+        log.debug(
+            "call %s: the caller went on; the answer in the making is dropped", self.setup.call_id
+        )
         response.remove_done_callback(self._task_done)
         response.cancel()
         await asyncio.gather(response, return_exceptions=True)

@@ -13,6 +13,9 @@ import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI
+
+# A hung test dumps its threads and tasks and ends the run (see hang_watch.py).
+from hang_watch import pytest_runtest_protocol  # noqa: F401
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app

@@ -43,6 +43,8 @@ from events_harness import (
 )
 from pydantic import SecretStr
 from sqlmodel import Session, select
+from temporalio.client import WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from activities.post_call import PostCallActivities, transcript_text
@@ -544,6 +546,22 @@ async def test_recordings_go_to_s3_compatible_storage(
 # ------------------------------------------------------------------ the whole stack
 
 GREETING = "Thanks for calling Acme Dental, how can I help?"
+
+
+async def post_call_result(
+    handle: WorkflowHandle[Any, PostCallResult], *, within: float
+) -> PostCallResult:
+    """The post-call workflow's result; it starts only when the call's workflow ends."""
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                return await handle.result()
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                await asyncio.sleep(0.1)
+
+
 BOOKED = "You are booked for a cleaning on Tuesday at ten."
 
 
@@ -586,12 +604,7 @@ async def test_a_phone_call_ends_with_its_analysis_and_webhooks(tmp_path: Path) 
         post_call = stack.temporal.get_workflow_handle(
             f"{call_id}-post-call", result_type=PostCallResult
         )
-        for _ in range(100):
-            try:
-                result = await asyncio.wait_for(post_call.result(), 30)
-                break
-            except Exception:  # not started yet: the call's workflow starts it at the end
-                await asyncio.sleep(0.1)
+        result = await post_call_result(post_call, within=60)
         # call.started, call.ended, call.analyzed; the first attempt of call.started fails.
         await receiver.wait_for(4, within=15)
 

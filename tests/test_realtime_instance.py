@@ -202,3 +202,30 @@ async def test_an_instance_continues_as_new_with_its_calls(
         await engine.dispose()
     assert description.run_id != first_run  # it continued as new at least once
     assert calls_now == ["call_a", "call_c"]
+
+
+async def test_a_cancelled_update_stops_its_task(time_skipping_env: WorkflowEnvironment) -> None:
+    """temporalio reports an Update call cancelled in flight as an ordinary exception (the
+    one a timed-out long poll raises), which loops that ask again used to swallow: with
+    nobody answering (no worker here), a process's beat outlived its shutdown and a tool
+    call its timeout. Both stop now."""
+    from workflows.tools import ToolBatch, ToolInvocation
+
+    client = time_skipping_env.client
+    task_queue = f"nobody-{uuid.uuid4().hex[:6]}"
+    instance = RealtimeInstance(client, task_queue, instance_id=f"f-{uuid.uuid4().hex[:6]}")
+    await instance.start()
+    await asyncio.sleep(1.0)  # the first beat waits for an answer that never comes
+    assert instance.beats == 0
+    closing = asyncio.create_task(instance.aclose())
+    await asyncio.wait({closing}, timeout=5)
+    assert closing.done()
+
+    call_id = f"call_{uuid.uuid4().hex[:8]}"
+    await client.start_workflow("CallWorkflow", id=call_id, task_queue=task_queue)
+    lifecycle = TemporalCallLifecycle(client, call_id)
+    batch = ToolBatch([ToolInvocation("call_1", "check_availability", "{}")])
+    asking = asyncio.create_task(lifecycle.run_tools(batch, timeout_s=0.5))
+    await asyncio.wait({asking}, timeout=5)
+    assert asking.done() and isinstance(asking.exception(), TimeoutError)
+    await lifecycle.aclose()

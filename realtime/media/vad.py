@@ -9,11 +9,12 @@ a process: each ``SileroVad`` keeps only its own recurrent state and audio conte
 
 Quiet windows. A stream may skip the model for windows whose every sample is below a
 floor (``quiet_below_dbfs``; -50 dBFS peak in calls): digital silence and the near-zero
-codes a silent phone line carries. Nothing there is speech; such a window scores 0 and
-leaves the model's state as it was (after half a second of them, the state starts
-afresh, as at the start of a stream). A call's caller is silent most of the time - while
-the agent talks, above all - and the model is the largest single cost of an inbound
-frame, so a quiet line costs about half as much. Without the floor (the default) every
+codes a silent phone line carries. Nothing there is speech; once the model's probability
+has fallen (it lingers through the short pauses between words, as it should), such a
+window scores 0 and leaves the model's state as it was (after half a second of them, the
+state starts afresh, as at the start of a stream). A call's caller is silent most of
+the time - while the agent talks, above all - and the model is the largest single cost
+of an inbound frame, so a quiet line costs about half as much. Without the floor (the default) every
 window runs, exactly as Silero's own engine.
 
 ``VadSegmenter`` turns per-window probabilities into speech start/end events.
@@ -60,6 +61,11 @@ _INT16_SCALE: Final = np.float32(1.0 / 32768.0)
 
 #: After this many quiet windows in a row (~0.5 s) a stream's model state starts afresh.
 QUIET_RESET_WINDOWS: Final = 16
+#: A quiet window skips the model only once the model has let go of the speech before it
+#: (its latest probability below this). In a pause between words the model still runs:
+#: its probability lingers there, and that lingering is what keeps a comma's pause from
+#: ending the caller's turn.
+QUIET_SKIP_BELOW: Final = 0.1
 
 
 class SileroModel:
@@ -300,7 +306,11 @@ class SileroVad:
         for window in self._chunker.push(_to_float32(pcm)):
             with_context = np.concatenate((self._context, window))
             self._context = window[-self._context_samples :].copy()
-            if self._quiet_peak is not None and float(np.abs(window).max()) < self._quiet_peak:
+            if (
+                self._quiet_peak is not None
+                and self.probability < QUIET_SKIP_BELOW
+                and float(np.abs(window).max()) < self._quiet_peak
+            ):
                 self.quiet_windows += 1
                 self._quiet_run += 1
                 if self._quiet_run == QUIET_RESET_WINDOWS:
