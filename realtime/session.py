@@ -492,16 +492,17 @@ class CallSession:
         speech_end = self.tracker.speech_end_ms
         if speech_end is None:
             return
+        speech_end_at, now = self._wall(speech_end), self.clock()
         metrics = TurnMetrics(
-            speech_end=self._wall(speech_end),
-            endpoint=self.clock(),
+            speech_end=speech_end_at,
+            endpoint=now,
             window_s=self.policy.silence_needed_ms(self._caller_text()) / 1000.0,
         )
+        # The caller's words stay out of the log (PII).
         log.debug(
-            "call %s: end of turn after %.0f ms of silence (%r so far)",
+            "call %s: end of turn after %.0f ms of silence",
             self.setup.call_id,
-            (metrics.endpoint - metrics.speech_end) * 1e3,
-            self._caller_text(),
+            (now - speech_end_at) * 1e3,
         )
         self.tracker.end_speech()
         self.state.to(CallPhase.PROCESSING)

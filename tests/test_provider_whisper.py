@@ -107,7 +107,9 @@ def speech() -> dict[str, npt.NDArray[np.int16]]:
 
 @pytest.mark.parametrize(
     ("phrase", "key_words"),
-    [(HOURS, {"opening", "hours"}), (BOOKING, {"appointment", "tomorrow", "book"})],
+    # tiny.en (int8, CTranslate2 4.8) hears espeak's "book" as "welcome", our code aside:
+    # faster-whisper on the whole clip says the same.
+    [(HOURS, {"opening", "hours"}), (BOOKING, {"appointment", "tomorrow"})],
 )
 async def test_vad_end_gives_final_with_key_words(
     cache: LocalModelCache,
