@@ -12,6 +12,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.unit_of_work import finishes_when_cancelled
 from builder_engine.calls import CallStatus
 from builder_engine.db.engine import session_factory
 from builder_engine.db.models import Call, CallTurn
@@ -45,6 +46,7 @@ class CallActivities:
         return call
 
     @activity.defn(name="record_call_status")
+    @finishes_when_cancelled
     async def record_call_status(self, change: CallStatusChange) -> None:
         """One UPDATE: the first answer and start times stay, the end is set once."""
         values: dict[str, Any] = {
@@ -72,6 +74,7 @@ class CallActivities:
             raise ApplicationError(f"call {change.call_id} does not exist", non_retryable=True)
 
     @activity.defn(name="save_call_turns")
+    @finishes_when_cancelled
     async def save_call_turns(self, batch: TurnBatch) -> int:
         """Insert the batch's turns; turns already stored (a retried attempt) are skipped.
 

@@ -29,6 +29,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.unit_of_work import finishes_when_cancelled
 from builder_engine import outbound
 from builder_engine.calendars import CalendarRules, local_iso, local_label
 from builder_engine.db.models import (
@@ -134,6 +135,7 @@ class ToolActivities:
     # ------------------------------------------------------------ definitions
 
     @activity.defn(name="load_call_tools")
+    @finishes_when_cancelled
     async def load_call_tools(self, request: LoadToolsRequest) -> list[ToolDef]:
         """The call's agent version's tools (no secrets), once per call."""
         async with self._sessions() as session:
@@ -191,7 +193,7 @@ class ToolActivities:
         """SQLite answers "database is locked" to a writer that lost a race: try again."""
         for attempt in range(SQLITE_LOCK_RETRIES):
             try:
-                return await operation()
+                return await finishes_when_cancelled(operation)()
             except sa.exc.OperationalError as exc:
                 if "locked" not in str(exc) or attempt == SQLITE_LOCK_RETRIES - 1:
                     raise

@@ -123,3 +123,57 @@ async def test_saving_a_batch_twice_stores_each_turn_once(db_settings: Settings)
         assert await activities.save_call_turns(batch) == 0
     finally:
         await engine.dispose()
+
+
+async def test_a_burst_of_writes_with_cancellations_leaves_the_database_writable(
+    db_settings: Settings,
+) -> None:
+    """A hundred calls ending at once: their turn and status writes all land, writes
+    cancelled mid-flight (an activity timing out) neither lose the others nor leave the
+    database locked, and the next write goes through at once."""
+    import asyncio
+    import time
+
+    from builder_engine.db.engine import create_worker_db_engine
+    from workflows.types import CallStatusChange, TurnBatch
+
+    starts = [_make_call(db_settings) for _ in range(40)]
+    engine = create_worker_db_engine(db_settings)
+    activities = CallActivities(engine)
+    try:
+
+        async def wrap_up(start: CallStart) -> int:
+            batch = TurnBatch(start.call_id, start.organization_id, [_turn(0), _turn(1)])
+            saved = await activities.save_call_turns(batch)
+            await activities.record_call_status(
+                CallStatusChange(
+                    start.call_id,
+                    start.organization_id,
+                    CallStatus.ENDED,
+                    datetime.now(UTC),
+                    EndedReason.CALLER_HANGUP,
+                )
+            )
+            return saved
+
+        doomed = [asyncio.create_task(wrap_up(start)) for start in starts[:20]]
+        kept = [asyncio.create_task(wrap_up(start)) for start in starts[20:]]
+        await asyncio.sleep(0.005)
+        for task in doomed:
+            task.cancel()
+        async with asyncio.timeout(30):
+            assert await asyncio.gather(*kept) == [2] * 20
+            await asyncio.gather(*doomed, return_exceptions=True)
+        began = time.monotonic()
+        async with asyncio.timeout(10):
+            again = TurnBatch(starts[0].call_id, starts[0].organization_id, [_turn(2)])
+            assert await activities.save_call_turns(again) == 1
+        assert time.monotonic() - began < 2.0
+    finally:
+        await engine.dispose()
+    sync = create_sync_engine(db_settings)
+    with Session(sync) as session:
+        ids = [start.call_id for start in starts[20:]]
+        ended = session.exec(select(Call).where(col(Call.id).in_(ids))).all()
+        assert len(ended) == 20 and all(c.status == CallStatus.ENDED for c in ended)
+    sync.dispose()
