@@ -172,37 +172,39 @@ class PostCallActivities:
             return RecordingResult("missing", detail="this worker has no recordings storage")
         settings = self._settings
         path = recordings.local_path(settings.effective_recordings_dir, job.call_id)
+        # No connection is held across the file work and the upload: the worker's writes
+        # share one connection on SQLite (create_worker_db_engine).
+        async with self._sessions() as session:
+            stored_url = (await self._call(session, job)).recording_url
+        try:
+            # Each realtime session of the call wrote its own segment: one file now.
+            info = await asyncio.to_thread(
+                recordings.assemble, settings.effective_recordings_dir, job.call_id
+            )
+        except ValueError as exc:
+            return RecordingResult("failed", detail=f"unreadable recording: {exc}")
+        if info is None:
+            if stored_url:  # a retried attempt after the upload
+                stored = await recordings.stat(stored_url)
+                if stored is not None:
+                    return RecordingResult("stored", stored_url, stored.size)
+            return RecordingResult(
+                "missing", detail="the call left no recording in the recordings folder"
+            )
+        if info.repaired:
+            log.warning("call %s: repaired the recording's WAV header", job.call_id)
+        if info.segments > 1:
+            log.info("call %s: joined the recordings of %d sessions", job.call_id, info.segments)
+        url = settings.recordings_url
+        try:
+            if url and url.startswith("s3://"):
+                location = await recordings.upload(path, url, job.call_id)
+            else:
+                location = path.resolve().as_uri()
+        except recordings.RecordingStorageError as exc:
+            raise ApplicationError(str(exc)) from None
         async with self._sessions() as session:
             call = await self._call(session, job)
-            try:
-                # Each realtime session of the call wrote its own segment: one file now.
-                info = await asyncio.to_thread(
-                    recordings.assemble, settings.effective_recordings_dir, job.call_id
-                )
-            except ValueError as exc:
-                return RecordingResult("failed", detail=f"unreadable recording: {exc}")
-            if info is None:
-                if call.recording_url:  # a retried attempt after the upload
-                    stored = await recordings.stat(call.recording_url)
-                    if stored is not None:
-                        return RecordingResult("stored", call.recording_url, stored.size)
-                return RecordingResult(
-                    "missing", detail="the call left no recording in the recordings folder"
-                )
-            if info.repaired:
-                log.warning("call %s: repaired the recording's WAV header", job.call_id)
-            if info.segments > 1:
-                log.info(
-                    "call %s: joined the recordings of %d sessions", job.call_id, info.segments
-                )
-            url = settings.recordings_url
-            try:
-                if url and url.startswith("s3://"):
-                    location = await recordings.upload(path, url, job.call_id)
-                else:
-                    location = path.resolve().as_uri()
-            except recordings.RecordingStorageError as exc:
-                raise ApplicationError(str(exc)) from None
             call.recording_url = location
             session.add(call)
             await session.commit()
