@@ -172,8 +172,8 @@ class PostCallActivities:
             return RecordingResult("missing", detail="this worker has no recordings storage")
         settings = self._settings
         path = recordings.local_path(settings.effective_recordings_dir, job.call_id)
-        # No connection is held across the file work and the upload: the worker's writes
-        # share one connection on SQLite (create_worker_db_engine).
+        # No connection is held across the file work and the upload: the pool is shared
+        # with every other activity of the worker.
         async with self._sessions() as session:
             stored_url = (await self._call(session, job)).recording_url
         try:

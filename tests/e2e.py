@@ -26,7 +26,7 @@ from activities.webhooks import WebhookActivities
 from api.app import create_app as create_api
 from builder_engine.apikeys import create_org_api_key
 from builder_engine.config import Settings
-from builder_engine.db.engine import create_worker_db_engine
+from builder_engine.db.engine import create_async_db_engine
 from builder_engine.db.migrate import upgrade
 from builder_engine.temporal_setup import ensure_search_attributes
 from conftest import installed_binary
@@ -159,7 +159,7 @@ async def running_stack(
             )
             upgrade(settings)
             key = create_org_api_key(settings, f"e2e-{secrets.token_hex(3)}")
-            engine = create_worker_db_engine(settings)
+            engine = create_async_db_engine(settings)
             calls = CallActivities(engine)
             no_llm = settings.model_copy(update={"openai_api_key": None, "openai_base_url": None})
             post_call = PostCallActivities(calls.sessions, settings if analysis else no_llm)

@@ -32,7 +32,7 @@ from activities.webhooks import WebhookActivities
 from api.app import create_app
 from builder_engine.apikeys import create_org_api_key, hash_key
 from builder_engine.config import Settings
-from builder_engine.db.engine import create_sync_engine, create_worker_db_engine
+from builder_engine.db.engine import create_async_db_engine, create_sync_engine
 from builder_engine.db.models import Agent, AgentVersion, ApiKey, Call, Organization
 from builder_engine.temporal_setup import ensure_search_attributes
 from conftest import installed_binary
@@ -276,7 +276,7 @@ async def running_platform(
     keys = [create_org_api_key(settings, f"{n}-{secrets.token_hex(3)}") for n in ("acme", "globex")]
     org_id = organization_of(settings, keys[0])
     allow_loopback(settings, org_id)
-    engine = create_worker_db_engine(settings)
+    engine = create_async_db_engine(settings)
     calls = CallActivities(engine)
     webhooks = WebhookActivities(calls.sessions, retry=retry, public_url="https://x.test")
     post_call = PostCallActivities(

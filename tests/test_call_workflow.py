@@ -134,11 +134,10 @@ async def test_a_burst_of_writes_with_cancellations_leaves_the_database_writable
     import asyncio
     import time
 
-    from builder_engine.db.engine import create_worker_db_engine
     from workflows.types import CallStatusChange, TurnBatch
 
     starts = [_make_call(db_settings) for _ in range(40)]
-    engine = create_worker_db_engine(db_settings)
+    engine = create_async_db_engine(db_settings)
     activities = CallActivities(engine)
     try:
 

@@ -15,7 +15,7 @@ from activities.telephony import TelephonyActivities
 from activities.tools import ToolActivities
 from activities.webhooks import WebhookActivities
 from builder_engine.config import Settings
-from builder_engine.db.engine import create_worker_db_engine
+from builder_engine.db.engine import create_async_db_engine
 from builder_engine.temporal_setup import connect, ensure_search_attributes
 from workflows.call import CallWorkflow
 from workflows.events import WebhookDeliveryWorkflow
@@ -81,7 +81,7 @@ async def run_worker(settings: Settings) -> None:
     """Connect, register search attributes, and poll until cancelled."""
     client = await connect(settings)
     await ensure_search_attributes(client, settings.temporal_namespace)
-    engine = create_worker_db_engine(settings)
+    engine = create_async_db_engine(settings)
     calls = CallActivities(engine)
     tools = ToolActivities(calls.sessions)
     post_call = PostCallActivities(calls.sessions, settings)

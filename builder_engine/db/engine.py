@@ -54,21 +54,5 @@ def create_async_db_engine(settings: Settings) -> AsyncEngine:
     return engine
 
 
-def create_worker_db_engine(settings: Settings) -> AsyncEngine:
-    """The Temporal worker's engine. On SQLite it holds one connection: the worker is the
-    platform's main writer, and SQLite takes one writer at a time, so its writes queue in
-    the pool, in order. With a connection each, they polled the file lock instead (the
-    busy handler sleeps up to 100 ms between tries, and is not fair): a burst of calls
-    ending together starved some writes past their activities' timeouts, and each write
-    cancelled mid-statement cost a connection and brought more contention."""
-    url = settings.async_database_url
-    if not _is_sqlite(url):
-        return create_async_db_engine(settings)
-    _ensure_sqlite_folder(url)
-    engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
-    sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-    return engine
-
-
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
