@@ -1,9 +1,9 @@
 """A hung test fails the run in minutes, with the evidence, instead of CI's hour and a half.
 
-When one phase of a test (setup, call or teardown) runs longer than ``HUNG_AFTER_S``, every
-thread's stack and every asyncio task's chain of awaits go to stderr; when it is still
-running ``EXIT_AFTER_S`` later, the process exits with status 3. Both can be changed with
-``BUILDER_TEST_HUNG_S``.
+When a test (its setup, call and teardown together, module fixtures included) runs longer
+than ``HUNG_AFTER_S``, every thread's stack and every asyncio task's chain of awaits go to
+the real stderr; when it is still running ``EXIT_AFTER_S`` later, the process exits with
+status 3. ``BUILDER_TEST_HUNG_S`` and ``BUILDER_TEST_HUNG_EXIT_S`` change them.
 """
 
 from __future__ import annotations
