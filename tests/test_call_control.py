@@ -330,7 +330,9 @@ async def test_backchannels_do_not_interrupt_and_are_not_answered(harness: Harne
     before = len(harness.stack.openai.chat_requests)
     async with phone:
         await greeted(phone)
-        spoke = await say(phone, caller_speech("Briefly, what services do you offer?"))
+        # Spoken without the comma: espeak's pause there is about as long as this agent's
+        # 200 ms endpointing window, and a turn ended there (then resumed) is another test.
+        spoke = await say(phone, caller_speech("Briefly what services do you offer?"))
         answer_at = await phone.wait_for_media_after(spoke, within=5)
         await asyncio.sleep(1.0)
         await say(phone, caller_speech("okay"))
