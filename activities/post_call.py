@@ -27,7 +27,6 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.unit_of_work import finishes_when_cancelled
 from builder_engine import recordings
 from builder_engine.agent_config import AgentConfig
 from builder_engine.config import Settings
@@ -215,7 +214,6 @@ class PostCallActivities:
     # ------------------------------------------------------------ transcript
 
     @activity.defn(name="check_transcript")
-    @finishes_when_cancelled
     async def check_transcript(self, job: PostCallInput) -> TranscriptCheck:
         """Every turn the CallWorkflow committed is stored, with no gap in the indexes."""
         async with self._sessions() as session:
@@ -253,7 +251,6 @@ class PostCallActivities:
         return has_key or config.brain.base_url is not None or bool(settings.openai_base_url)
 
     @activity.defn(name="plan_call_analysis")
-    @finishes_when_cancelled
     async def plan_call_analysis(self, job: PostCallInput) -> AnalysisSteps:
         async with self._sessions() as session:
             config = await self._config(session, job)
@@ -412,7 +409,6 @@ class PostCallActivities:
         return response.choices[0].message.content or ""
 
     @activity.defn(name="save_call_analysis")
-    @finishes_when_cancelled
     async def save_call_analysis(self, record: AnalysisRecord) -> None:
         async with self._sessions() as session:
             call = (

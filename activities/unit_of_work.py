@@ -8,8 +8,10 @@ connection that a slot came free: they wait out the whole pool timeout. Under a 
 writes timed out, their cancellations threw away more connections, and the worker
 retried for minutes. So a unit of work runs in a task of its own that the cancellation
 does not reach: it commits or rolls back, its connection goes back to the pool, and only
-then does the activity report the cancellation. (Every such write is idempotent: the
-retry that follows finds it done.)
+then does the activity report the cancellation. Only for writes that are idempotent in
+one statement (an UPDATE, an INSERT ... ON CONFLICT DO NOTHING) or that handle the
+conflict: a cancelled attempt may still be writing when the next attempt starts (a
+second cancellation does not wait), and a read-then-insert would race it.
 """
 
 from __future__ import annotations

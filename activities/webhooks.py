@@ -20,7 +20,6 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.unit_of_work import finishes_when_cancelled
 from builder_engine.agent_config import WEBHOOK_EVENTS
 from builder_engine.db.engine import session_factory
 from builder_engine.db.models import (
@@ -104,7 +103,6 @@ class WebhookActivities:
     # ------------------------------------------------------------ events
 
     @activity.defn(name="record_call_event")
-    @finishes_when_cancelled
     async def record_call_event(self, event: CallEventInput) -> RecordedEvent:
         """Store the event and one pending delivery per target. Idempotent by event id."""
         if event.event_type not in WEBHOOK_EVENTS:
@@ -333,7 +331,6 @@ class WebhookActivities:
         return next_at if next_at < deadline else None
 
     @activity.defn(name="mark_webhook_failed")
-    @finishes_when_cancelled
     async def mark_webhook_failed(self, failure: DeliveryFailure) -> int:
         """Close a delivery that will not be attempted again; returns its attempt count."""
         async with self._sessions() as session:
