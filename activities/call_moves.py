@@ -5,6 +5,11 @@ TwiML - ``<Connect><Stream url="{realtime}/media/twilio">`` carrying the call id
 ``resume=1`` - so Twilio opens a new media stream; in production the realtime URL is a
 load balancer that picks a healthy replica. A web call needs nothing: its client
 reconnects to the same call id.
+
+Usually Twilio is quicker: a process that dies closes its sockets, and Twilio asks the
+``<Connect action>`` URL what next (api/routers/twilio_webhooks.py, ``stream_ended``),
+which streams the call to a healthy worker at once. This move is for a process that
+stops beating with its sockets still open (frozen, or cut off from Temporal).
 """
 
 from __future__ import annotations
@@ -19,24 +24,14 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client as TwilioClient
-from twilio.twiml.voice_response import VoiceResponse
 
 from builder_engine.calls import CallStatus
 from builder_engine.config import Settings
 from builder_engine.db.models import Call
+from builder_engine.telephony import stream_twiml
 from workflows.liveness import MoveCallRequest, MoveCallResult
 
 log = logging.getLogger(__name__)
-
-
-def resume_twiml(realtime_url: str, call_id: str) -> str:
-    """The TwiML that streams a live call to the realtime server again, resuming it."""
-    response = VoiceResponse()
-    connect = response.connect()
-    stream = connect.stream(url=f"{realtime_url.rstrip('/')}/media/twilio")
-    stream.parameter(name="call_id", value=call_id)
-    stream.parameter(name="resume", value="1")
-    return str(response)
 
 
 class CallMoveActivities:
@@ -46,10 +41,12 @@ class CallMoveActivities:
         settings: Settings | None,
         *,
         realtime_url: str | None = None,
+        public_url: str | None = None,
     ) -> None:
         self.sessions = sessions
         self._settings = settings
         self._realtime_url = realtime_url or (settings.effective_realtime_url if settings else "")
+        self._public_url = public_url or (settings.effective_public_url if settings else None)
 
     def activities(self) -> list[Callable[..., Any]]:
         return [self.move_call]
@@ -66,7 +63,7 @@ class CallMoveActivities:
             return MoveCallResult(False, call.transport, detail="the client reconnects")
         if not call.carrier_call_id:
             return MoveCallResult(False, "twilio", gone=True, detail="no Twilio call sid")
-        twiml = resume_twiml(self._realtime_url, call.id)
+        twiml = stream_twiml(self._realtime_url, call.id, public_url=self._public_url, resume=True)
         try:
             await asyncio.to_thread(self._update, call.carrier_call_id, twiml)
         except TwilioRestException as exc:

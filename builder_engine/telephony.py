@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 from twilio.http import AsyncHttpClient
@@ -128,6 +128,40 @@ class TwilioRest:
 
 
 # ------------------------------------------------------------------ TwiML
+
+#: The API path Twilio asks, through ``<Connect action>``, once a call's media stream
+#: has ended without the caller hanging up (api/routers/twilio_webhooks.py).
+STREAM_ENDED_PATH = "/telephony/twilio/stream-ended"
+
+
+def stream_twiml(
+    realtime_url: str,
+    call_id: str,
+    *,
+    public_url: str | None,
+    resume: bool = False,
+    attempt: int = 0,
+) -> str:
+    """A live call's bidirectional media stream to the realtime server.
+
+    ``<Connect action>`` matters: when the stream's socket closes (the realtime process
+    died, or ended the call) and no verb follows, Twilio hangs up - before the
+    CallWorkflow could notice a dead process and move the call. With ``action``, Twilio
+    asks the API what next, which answers ``<Hangup/>`` for a call that has ended and
+    streams a live one to a healthy worker again. ``resume``: the new session picks the
+    conversation up where it was; ``attempt`` counts such reconnections in a row.
+    """
+    action = None
+    if public_url is not None:
+        query = {"call_id": call_id, **({"attempt": str(attempt)} if attempt else {})}
+        action = f"{public_url.rstrip('/')}{STREAM_ENDED_PATH}?{urlencode(query)}"
+    response = VoiceResponse()
+    connect = response.connect(action=action)
+    stream = connect.stream(url=f"{realtime_url.rstrip('/')}/media/twilio")
+    stream.parameter(name="call_id", value=call_id)
+    if resume:
+        stream.parameter(name="resume", value="1")
+    return str(response)
 
 
 def dial_twiml(to: str, *, announcement: str | None = None, timeout_s: int | None = None) -> str:

@@ -130,23 +130,37 @@ class TwilioPhone:
 
     async def hang_up(self) -> None:
         """The caller hangs up: Twilio sends `stop` and closes the socket."""
+        await self._stop(wait_for_close=True)
+
+    async def move_on(self) -> None:
+        """Twilio runs new TwiML (a REST call update): it sends `stop` and drops the socket,
+        without waiting for a server that may not answer any more (a frozen process)."""
+        await self._stop(wait_for_close=False)
+
+    async def _stop(self, *, wait_for_close: bool) -> None:
         if self._ws is None:
             return
         ws, self._ws = self._ws, None
         for task in self._tasks[:1]:
             task.cancel()
-        with contextlib.suppress(ConnectionClosed):
-            await ws.send(
-                json.dumps(
-                    {
-                        "event": "stop",
-                        "sequenceNumber": str(self._next_sequence()),
-                        "streamSid": self.stream_sid,
-                        "stop": {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid},
-                    }
-                )
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            await asyncio.wait_for(
+                ws.send(
+                    json.dumps(
+                        {
+                            "event": "stop",
+                            "sequenceNumber": str(self._next_sequence()),
+                            "streamSid": self.stream_sid,
+                            "stop": {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid},
+                        }
+                    )
+                ),
+                None if wait_for_close else 1.0,
             )
-        await ws.close()
+        if wait_for_close:
+            await ws.close()
+        else:
+            ws.transport.abort()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -72,6 +72,9 @@ TRANSCRIPT_WAIT_S = 1.5  # longest wait for the recognizer's final after the end
 CLOSING_PLAYBACK_S = 15.0  # longest wait for a goodbye to play before hanging up
 DTMF_COLLECT_S = 1.5  # digits typed within this of each other are one entry
 TEARDOWN_WAIT_S = 5.0  # longest wait for the call's own tasks to stop when it ends
+#: Not an ended reason: the session stops because its server is shutting down, and the
+#: call goes on - the carrier streams it to another server, whose session resumes it.
+HANDED_OVER = "handed-over"
 
 
 @dataclass(frozen=True)
@@ -285,8 +288,13 @@ class CallSession:
                     latency=metrics.as_latency_ms() if metrics else {},
                     tool_calls=reply.transcript_calls() if reply else None,
                 )
-        # The workflow hears of the end before anything below can get stuck.
-        self.lifecycle.ended(self.ended_reason or EndedReason.FAILED)
+        if self.ended_reason == HANDED_OVER:
+            # The workflow must not hear of an end: the call is resuming elsewhere. What
+            # was committed here still reaches it (``lifecycle.aclose`` below).
+            log.info("call %s: handed over (this server is shutting down)", self.setup.call_id)
+        else:
+            # The workflow hears of the end before anything below can get stuck.
+            self.lifecycle.ended(self.ended_reason or EndedReason.FAILED)
         tasks = [t for t in (self._response, *self._tasks) if t is not None and not t.done()]
         for task in tasks:
             task.cancel()

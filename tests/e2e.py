@@ -9,7 +9,7 @@ import re
 import secrets
 import socket
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from emulators.deepgram import DeepgramEmulator
 from emulators.elevenlabs import ElevenLabsEmulator
 from emulators.openai import OpenAIEmulator, ScriptRule
 from emulators.twilio_phone import TwilioPhone
+from emulators.twiml import Instructions, read_twiml
 from realtime.app import create_app as create_realtime
 from realtime.calls import ProviderFactory
 from workers.supervisor import TEMPORAL_SERVER_TUNING
@@ -61,6 +62,8 @@ class Stack:
     deepgram: DeepgramEmulator
     openai: OpenAIEmulator
     elevenlabs: ElevenLabsEmulator
+    #: Each call's answer to the voice webhook (TwiML), by call sid.
+    answers: dict[str, str] = field(default_factory=dict)
 
     async def create_agent(self, **config: Any) -> dict[str, Any]:
         response = await self.api.post("/v1/agents", json=config)
@@ -94,10 +97,28 @@ class Stack:
         )
         assert response.status_code == 200, response.text
         twiml = response.text
+        self.answers[call_sid] = twiml
         stream = re.search(r'<Stream url="([^"]+)"', twiml)
         call_id = re.search(r'<Parameter name="call_id" value="([^"]+)"', twiml)
         assert stream and call_id, twiml
         return call_sid, stream.group(1), call_id.group(1)
+
+    async def stream_ended(self, action: str, call_sid: str) -> Instructions:
+        """Twilio after a ``<Connect><Stream>`` ended with the caller still on the line: a
+        signed POST to the ``<Connect action>`` URL, and what its answer says to do."""
+        assert action.startswith(PUBLIC_URL), action
+        params = {
+            "CallSid": call_sid,
+            "AccountSid": "AC" + "0" * 32,
+            "CallStatus": "in-progress",
+            "Direction": "inbound",
+        }
+        signature = RequestValidator(TWILIO_TOKEN).compute_signature(action, params)
+        response = await self.api.post(
+            action.removeprefix(PUBLIC_URL), data=params, headers={"X-Twilio-Signature": signature}
+        )
+        assert response.status_code == 200, response.text
+        return read_twiml(response.text)
 
     def phone(self, stream_url: str, call_id: str, call_sid: str) -> TwilioPhone:
         return TwilioPhone(stream_url, parameters={"call_id": call_id}, call_sid=call_sid)

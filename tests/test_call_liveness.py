@@ -14,12 +14,13 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from activities.call_moves import CallMoveActivities, resume_twiml
+from activities.call_moves import CallMoveActivities
 from activities.calls import CallActivities
 from builder_engine.calls import CallStatus, EndedReason
 from builder_engine.config import Settings
 from builder_engine.db.engine import create_async_db_engine, create_sync_engine
 from builder_engine.db.models import Agent, Call, CallTurn, Organization
+from builder_engine.telephony import stream_twiml
 from workers.temporal_worker import build_worker
 from workflows.instances import SessionStarted
 from workflows.liveness import HISTORY_LIMIT, MAX_MOVES, CallCarry, ResumeState, history_turn
@@ -337,7 +338,12 @@ async def test_a_call_whose_realtime_process_is_gone_and_never_comes_back_ends_l
 
 
 def test_the_resume_twiml_streams_the_call_back_with_resume() -> None:
-    twiml = resume_twiml("wss://rt.example.test/", "call_1")
+    twiml = stream_twiml(
+        "wss://rt.example.test/", "call_1", public_url="https://api.example.test/", resume=True
+    )
     assert '<Stream url="wss://rt.example.test/media/twilio">' in twiml
     assert '<Parameter name="call_id" value="call_1" />' in twiml
     assert '<Parameter name="resume" value="1" />' in twiml
+    # Should this stream end too, Twilio asks the API what next instead of hanging up.
+    action = "https://api.example.test/telephony/twilio/stream-ended?call_id=call_1"
+    assert f'<Connect action="{action}">' in twiml

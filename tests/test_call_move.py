@@ -1,9 +1,12 @@
-"""The realtime process serving a live call dies (kill -9) mid-call. The CallWorkflow
-misses its heartbeats within seconds and moves the call (a Twilio REST call update with
-new stream TwiML, to the emulator); the phone follows that TwiML like Twilio would, to a
-second realtime process, and the call goes on there with its history - the model's next
-request holds the earlier turns - and ends normally. Each process recorded its part of the
-call (its own segment); the recording the API serves holds both, one after the other."""
+"""The realtime process serving a live call is lost mid-call - killed (kill -9), or frozen
+with its sockets open. Killed: Twilio sees the stream close and asks the API (the stream's
+``<Connect action>``), which streams the call to a healthy worker at once. Frozen: the
+CallWorkflow misses the process's heartbeats within seconds and moves the call (a Twilio
+REST call update with new stream TwiML, to the emulator). Either way the phone follows the
+TwiML like Twilio would, to another realtime server, and the call goes on there with its
+history - the model's next request holds the earlier turns - and ends normally. Each
+process recorded its part of the call (its own segment); the recording the API serves
+holds both, one after the other."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import asyncio
 import contextlib
 import io
 import os
-import re
+import signal
 import sys
 import wave
 from collections.abc import AsyncIterator
@@ -32,6 +35,7 @@ from emulators.openai import Reply, ScriptRule
 from emulators.speech import caller_speech
 from emulators.twilio_phone import TwilioPhone
 from emulators.twilio_rest import TwilioRestEmulator
+from emulators.twiml import read_twiml
 from realtime.resume import RESUME_LINE
 from workflows.post_call import PostCallResult
 
@@ -120,8 +124,20 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         yield running
 
 
-async def test_a_realtime_worker_killed_mid_call_and_the_call_goes_on(stack: Stack) -> None:
-    first, second = RealtimeProcess(stack), RealtimeProcess(stack)
+@pytest.mark.parametrize("failure", ["killed", "stopped", "frozen"])
+async def test_a_realtime_worker_lost_mid_call_and_the_call_goes_on(
+    stack: Stack, failure: str
+) -> None:
+    """``killed``: the process dies and its sockets close with it; Twilio asks the
+    stream's ``<Connect action>`` what next, and the API streams the call at once to a
+    healthy worker (here the stack's own realtime server). ``stopped``: the same after a
+    graceful shutdown (SIGTERM, a deploy): the process hands its calls over rather than
+    ending them, and exits cleanly. ``frozen``: the process stops
+    (SIGSTOP) with its sockets open, so Twilio notices nothing; the CallWorkflow misses
+    the process's beats and moves the call with a REST call update (to a second process).
+    """
+    first = RealtimeProcess(stack)
+    second = RealtimeProcess(stack) if failure == "frozen" else None
     async with TwilioRestEmulator() as rest:
         worker = WorkerProcess(stack)
         worker.env.update(
@@ -131,16 +147,20 @@ async def test_a_realtime_worker_killed_mid_call_and_the_call_goes_on(stack: Sta
                 "BUILDER_TWILIO_API_BASE_URL": rest.url,
                 # Where a moved call goes: in production a load balancer in front of the
                 # healthy replicas; here the second process.
-                "BUILDER_REALTIME_PUBLIC_URL": second.url,
+                "BUILDER_REALTIME_PUBLIC_URL": second.url if second else stack.realtime_url,
             }
         )
         try:
-            await asyncio.gather(first.start(), second.start(), worker.start())
+            await asyncio.gather(
+                first.start(), worker.start(), *([second.start()] if second else [])
+            )
             agent = await stack.create_agent(
                 name="Bakery", first_message=GREETING, turn={"endpointing_ms": 200}
             )
             number = await stack.add_number(agent["id"])
             call_sid, _, call_id = await stack.incoming_call(number)
+            answer = read_twiml(stack.answers[call_sid])
+            assert answer.stream is not None and answer.stream.action is not None
 
             phone = TwilioPhone(
                 f"{first.url}/media/twilio", parameters={"call_id": call_id}, call_sid=call_sid
@@ -152,32 +172,48 @@ async def test_a_realtime_worker_killed_mid_call_and_the_call_goes_on(stack: Sta
                 await phone.wait_until_quiet(0.4, within=15)
                 utterance = phone.say(caller_speech(FIRST))
                 await utterance.done.wait()
-                answer = await phone.wait_for_media_after(utterance.ended_at or 0.0, within=15)
+                answered = await phone.wait_for_media_after(utterance.ended_at or 0.0, within=15)
                 await phone.wait_until_quiet(0.4, within=15)
-                assert answer
+                assert answered
 
-                # The realtime process dies with the call live.
                 assert first.process is not None
-                first.process.kill()
-                killed_at = loop.time()
-                await first.process.wait()
+                lost_at = loop.time()
+                if failure in ("killed", "stopped"):
+                    # The process goes with the call live; its socket closes, and Twilio
+                    # goes to the stream's action URL.
+                    if failure == "killed":
+                        first.process.kill()
+                    else:
+                        first.process.terminate()
+                    await phone.wait_closed_by_server(within=5)
+                    follow = await stack.stream_ended(answer.stream.action, call_sid)
+                    async with asyncio.timeout(20):
+                        exit_code = await first.process.wait()
+                    assert exit_code == (0 if failure == "stopped" else -signal.SIGKILL)
+                else:
+                    os.kill(first.process.pid, signal.SIGSTOP)
+                    async with asyncio.timeout(20):
+                        while not rest.updates(call_sid):
+                            await asyncio.sleep(0.02)
+                    follow = read_twiml(rest.updates(call_sid)[-1]["Twiml"])
+                    await phone.move_on()  # Twilio runs the new TwiML
+                    first.process.kill()
+                    await first.process.wait()
+                moved_after = loop.time() - lost_at
+            print(f"{failure} -> call streamed to a healthy worker: {moved_after:.2f} s")
+            assert moved_after < (6.0 if failure == "frozen" else 3.0)
 
-                async with asyncio.timeout(20):
-                    while not rest.updates(call_sid):
-                        await asyncio.sleep(0.02)
-                moved_after = loop.time() - killed_at
-            print(f"killed -> call moved (Twilio REST update): {moved_after:.2f} s")
-            assert moved_after < 6.0
-
-            twiml = rest.updates(call_sid)[-1]["Twiml"]
-            url = re.search(r'<Stream url="([^"]+)"', twiml)
-            params = dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]+)"', twiml))
-            assert url is not None and url.group(1) == f"{second.url}/media/twilio"
-            assert params == {"call_id": call_id, "resume": "1"}
+            healthy = second.url if second else stack.realtime_url
+            assert follow.stream is not None
+            assert follow.stream.url == f"{healthy}/media/twilio"
+            assert follow.stream.parameters == {"call_id": call_id, "resume": "1"}
+            assert follow.stream.action is not None  # a second loss is survived the same way
 
             # Twilio follows the new TwiML: a new stream, same call, to the other worker.
             requests_before = len(stack.openai.chat_requests)
-            phone = TwilioPhone(url.group(1), parameters=params, call_sid=call_sid)
+            phone = TwilioPhone(
+                follow.stream.url, parameters=follow.stream.parameters, call_sid=call_sid
+            )
             async with phone:
                 second_connected = loop.time()
                 # "Sorry about that, where were we?" - not the greeting again.
@@ -203,8 +239,12 @@ async def test_a_realtime_worker_killed_mid_call_and_the_call_goes_on(stack: Sta
                     await asyncio.sleep(0.1)
         finally:
             await first.stop()
-            await second.stop()
+            if second is not None:
+                await second.stop()
             await worker.stop()
+        if failure != "frozen":
+            # The stream was back before the workflow missed a beat: no second move.
+            assert rest.updates(call_sid) == []
 
     assert result["status"] == "ended"
     # The model's request on the second worker holds the conversation from the first.
@@ -235,7 +275,7 @@ async def test_a_realtime_worker_killed_mid_call_and_the_call_goes_on(stack: Sta
 
     # The recording: the first process's segment (up to its last flush before the kill,
     # at most a second lost) and then the second's, joined into one.
-    first_s = killed_at - first_connected
+    first_s = lost_at - first_connected
     recording = post_call_result.recording
     assert recording.status == "stored" and recording.duration_s is not None
     print(f"recording {recording.duration_s:.2f} s; sessions {first_s:.2f} s + {second_s:.2f} s")

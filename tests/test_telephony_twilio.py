@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 from xml.etree import ElementTree
 
 import httpx
@@ -38,6 +39,7 @@ TOKEN = "twilio-test-auth-token"
 PUBLIC_URL = "https://voice.example.test"
 VOICE = "/telephony/twilio/voice"
 STATUS_PATH = "/telephony/twilio/status"
+STREAM_ENDED = "/telephony/twilio/stream-ended"
 CALLER = "+14155550123"
 # How long a workflow may take to react to a signal on a loaded machine (it takes ms).
 WORKFLOW_WAIT_S = 15.0
@@ -97,6 +99,18 @@ class Twiml:
     @property
     def call_id(self) -> str:
         return self.parameters["call_id"]
+
+    @property
+    def verbs(self) -> list[str]:
+        return [child.tag for child in self.root]
+
+    @property
+    def action_path(self) -> str:
+        """Where Twilio goes when the stream ends (``<Connect action>``), on our public URL."""
+        connect = self.root.find("Connect")
+        action = connect.get("action", "") if connect is not None else ""
+        assert action.startswith(f"{PUBLIC_URL}{STREAM_ENDED}?"), action
+        return action.removeprefix(PUBLIC_URL)
 
     @property
     def says_sorry_and_hangs_up(self) -> bool:
@@ -246,6 +260,8 @@ async def test_a_signed_call_gets_a_stream_and_a_workflow_on_the_published_versi
     assert list(twiml.parameters) == ["call_id"]  # the Stream URL carries no query string
     [call] = tel.calls_with_sid(call_sid)
     assert twiml.call_id == call.id
+    # Should the stream end with the caller still there, Twilio asks us what next.
+    assert parse_qs(urlsplit(twiml.action_path).query) == {"call_id": [call.id]}
     assert call.organization_id == tel.organization_id
     assert (call.status, call.direction, call.transport) == ("ringing", "inbound", "twilio")
     assert (call.agent_id, call.agent_version) == (agent_id, 2)
@@ -593,3 +609,113 @@ async def test_a_final_status_while_temporal_is_down_still_ends_the_record(
         db.dispose()
     assert (ended.status, ended.ended_reason) == (CallStatus.ENDED, EndedReason.BUSY)
     assert ended.ended_at is not None and ended.call_metadata == {"carrier_status": "busy"}
+
+
+# --- the stream ended, the caller is still there -----------------------------------------
+
+
+def in_progress(call_sid: str, to_number: str) -> dict[str, str]:
+    """What Twilio POSTs to ``<Connect action>`` (its standard parameters)."""
+    return {**voice_params(call_sid, to_number), "CallStatus": "in-progress"}
+
+
+async def test_a_stream_lost_mid_call_is_streamed_again_and_one_ended_on_purpose_hangs_up(
+    tel: Telephony,
+) -> None:
+    number = await tel.number(await tel.agent())
+    call_sid = new_call_sid()
+    answer = await tel.incoming_call(number, call_sid)
+    handle = tel.temporal.get_workflow_handle(answer.call_id)
+    params = in_progress(call_sid, number)
+
+    # The realtime process serving the call died: its socket closed, the call goes on.
+    again = Twiml.parse(await tel.post(answer.action_path, params))
+    assert again.stream_url == answer.stream_url
+    assert again.parameters == {"call_id": answer.call_id, "resume": "1"}
+    assert parse_qs(urlsplit(again.action_path).query) == {
+        "call_id": [answer.call_id],
+        "attempt": ["1"],
+    }
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+
+    # The agent hung up: the session reports the end, then closes its stream.
+    await handle.signal("ended", EndedReason.AGENT_HANGUP)
+    assert Twiml.parse(await tel.post(again.action_path, params)).verbs == ["Hangup"]
+    # Asked again once the workflow has closed and the row says so: the same answer.
+    state = await asyncio.wait_for(handle.result(), WORKFLOW_WAIT_S)
+    assert state["ended_reason"] == EndedReason.AGENT_HANGUP
+    assert tel.call(answer.call_id).status == CallStatus.ENDED
+    assert Twiml.parse(await tel.post(answer.action_path, params)).verbs == ["Hangup"]
+
+
+async def test_a_stream_that_keeps_ending_or_is_not_this_calls_is_not_streamed_again(
+    tel: Telephony,
+) -> None:
+    number = await tel.number(await tel.agent())
+    call_sid = new_call_sid()
+    answer = await tel.incoming_call(number, call_sid)
+    params = in_progress(call_sid, number)
+    call_id = answer.call_id
+
+    # Dropped over and over (a realtime worker refusing it, say): no endless loop.
+    looping = Twiml.parse(await tel.post(f"{STREAM_ENDED}?call_id={call_id}&attempt=5", params))
+    assert looping.verbs == ["Say", "Hangup"]
+    assert "lost the connection" in (looping.root[0].text or "")
+    # Another call's sid, an unknown call id, or none: nothing to stream.
+    stranger = in_progress(new_call_sid(), number)
+    for path, form in [
+        (answer.action_path, stranger),
+        (f"{STREAM_ENDED}?call_id=call_unknown", params),
+        (STREAM_ENDED, params),
+    ]:
+        assert Twiml.parse(await tel.post(path, form)).verbs == ["Hangup"], path
+    # Not Twilio: refused before anything is looked at.
+    forged = await tel.post(answer.action_path, params, signed_url=f"{PUBLIC_URL}{STREAM_ENDED}")
+    assert forged.status_code == 403
+    bad_attempt = await tel.post(f"{STREAM_ENDED}?call_id={call_id}&attempt=-1", params)
+    assert bad_attempt.status_code == 422
+
+    # None of it touched the call itself.
+    handle = tel.temporal.get_workflow_handle(call_id)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    assert tel.call(call_id).status == CallStatus.RINGING
+
+
+async def test_a_stream_ended_while_temporal_is_down_hangs_up_with_a_reason(
+    api: ApiHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No session could restore the conversation: the caller hears why (harness: no auth
+    token, Temporal on a port nothing listens on). A call the row says ended just ends."""
+    agent_id = (await api.acme.client.post("/v1/agents", json={"name": "Cut off"})).json()["id"]
+    db = create_sync_engine(api.settings)
+    calls: dict[str, tuple[str, str]] = {}
+    try:
+        with Session(db) as session:
+            org = session.exec(select(Organization).where(Organization.name == api.acme.name))
+            org_id = org.one().id
+            for status in (CallStatus.IN_PROGRESS, CallStatus.ENDED):
+                call = Call(
+                    organization_id=org_id,
+                    agent_id=agent_id,
+                    agent_version=1,
+                    direction="inbound",
+                    status=status,
+                    carrier_call_id=new_call_sid(),
+                )
+                session.add(call)
+                session.commit()
+                calls[status] = (call.id, call.carrier_call_id or "")
+    finally:
+        db.dispose()
+
+    async def stream_ended(status: CallStatus) -> Twiml:
+        call_id, call_sid = calls[status]
+        params = in_progress(call_sid, new_number())
+        return Twiml.parse(
+            await api.anonymous.post(f"{STREAM_ENDED}?call_id={call_id}", data=params)
+        )
+
+    cut_off = await stream_ended(CallStatus.IN_PROGRESS)
+    assert cut_off.verbs == ["Say", "Hangup"]
+    assert calls[CallStatus.IN_PROGRESS][0] in caplog.text
+    assert (await stream_ended(CallStatus.ENDED)).verbs == ["Hangup"]

@@ -1,12 +1,16 @@
-"""Twilio's webhooks: the number's voice URL (answer with a media stream) and status callbacks."""
+"""Twilio's webhooks: the number's voice URL (answer with a media stream), what to do
+when that stream ends (``<Connect action>``), and status callbacks."""
 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Annotated
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
+from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError
+from temporalio.service import RPCError, RPCStatusCode
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
@@ -14,14 +18,24 @@ from api.call_start import create_call, find_call_by_carrier_id, route_inbound
 from api.deps import Context, Session
 from api.errors import ApiError
 from builder_engine.calls import CallStatus, EndedReason
+from builder_engine.db.models import Call
 from builder_engine.logs import redact_phone
+from builder_engine.telephony import stream_twiml
 from builder_engine.timeutil import utcnow
+from workflows.types import CallState
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/telephony/twilio", tags=["telephony"])
 
 TWIML = "application/xml"
 SORRY = "Sorry, we cannot take your call right now. Please try again later."
+LOST = "Sorry, we lost the connection to your call. Please call us again."
+#: Streams of one call restarted in a row through ``<Connect action>``: a stream that is
+#: refused or dropped again and again ends the call rather than loop forever.
+MAX_STREAM_RECONNECTS = 5
+#: Longest wait for the call's workflow to say whether the call goes on (Twilio waits
+#: 15 s for a webhook's answer).
+WORKFLOW_CHECK_TIMEOUT = timedelta(seconds=5)
 
 #: Twilio's final CallStatus values and the ended reason each means.
 FINAL_STATUSES = {
@@ -62,6 +76,12 @@ def _twiml(response: VoiceResponse) -> Response:
 def _say_and_hang_up(text: str) -> Response:
     response = VoiceResponse()
     response.say(text)
+    response.hangup()
+    return _twiml(response)
+
+
+def _hang_up() -> Response:
+    response = VoiceResponse()
     response.hangup()
     return _twiml(response)
 
@@ -114,11 +134,91 @@ async def voice(
         # A retry for a call that already ended (or never got its workflow): the
         # media server refuses ended calls, so a stream would only be dead air.
         return _say_and_hang_up(SORRY)
-    response = VoiceResponse()
-    connect = response.connect()
-    stream = connect.stream(url=f"{context.settings.effective_realtime_url}/media/twilio")
-    stream.parameter(name="call_id", value=call.id)
-    return _twiml(response)
+    settings = context.settings
+    twiml = stream_twiml(
+        settings.effective_realtime_url, call.id, public_url=settings.effective_public_url
+    )
+    return Response(content=twiml, media_type=TWIML)
+
+
+@router.post(
+    "/stream-ended",
+    summary="Twilio <Connect action>: a call's media stream ended; hang up or stream again",
+    response_class=Response,
+    responses={
+        200: {"content": {TWIML: {}}, "description": "TwiML"},
+        403: {"description": "Bad X-Twilio-Signature."},
+    },
+)
+async def stream_ended(
+    request: Request,
+    context: Context,
+    session: Session,
+    call_id: Annotated[str, Query(max_length=64)] = "",
+    attempt: Annotated[int, Query(ge=0)] = 0,
+    x_twilio_signature: Annotated[str | None, Header()] = None,
+) -> Response:
+    """The media stream closed and the caller is still on the line. The realtime side
+    closes it on purpose once the call has ended (the agent hung up, a timeout): the
+    call's workflow has heard of the end by then, and the answer is ``<Hangup/>``. A
+    stream that closed with the call still going on lost its realtime process: the call
+    is streamed again, to a healthy worker, where it resumes."""
+    form = await _signed_form(request, context, x_twilio_signature)
+    call = await session.get(Call, call_id) if call_id else None
+    if call is None or not call.carrier_call_id or call.carrier_call_id != form.get("CallSid"):
+        log.warning("stream ended for a call that is not this Twilio call (%r)", call_id)
+        return _hang_up()
+    if call.status == CallStatus.ENDED:
+        return _hang_up()
+    live = await _call_goes_on(context, call.id)
+    if live is None:
+        # Nobody can resume it (a new session restores the conversation from the
+        # workflow): the caller hears why, and the status callback records the end.
+        log.error("call %s: its stream ended and Temporal cannot say how it goes on", call.id)
+        return _say_and_hang_up(LOST)
+    if not live:
+        return _hang_up()
+    if attempt >= MAX_STREAM_RECONNECTS:
+        log.error("call %s: its stream ended %d times in a row; hanging up", call.id, attempt)
+        return _say_and_hang_up(LOST)
+    log.warning("call %s: its media stream ended with the call live; streaming it again", call.id)
+    settings = context.settings
+    twiml = stream_twiml(
+        settings.effective_realtime_url,
+        call.id,
+        public_url=settings.effective_public_url,
+        resume=True,
+        attempt=attempt + 1,
+    )
+    return Response(content=twiml, media_type=TWIML)
+
+
+async def _call_goes_on(context: Context, call_id: str) -> bool | None:
+    """Whether the call's workflow still runs a call that has not ended; None when
+    Temporal cannot tell. A query sees every signal delivered before it: the end a
+    realtime session reported before closing its stream included."""
+    try:
+        temporal = await context.temporal.client()
+    except Exception as exc:  # the SDK's connect raises RuntimeError, or it timed out
+        log.warning("call %s: Temporal is unreachable: %s", call_id, exc)
+        return None
+    try:
+        handle = temporal.get_workflow_handle(call_id)
+        description = await handle.describe(rpc_timeout=WORKFLOW_CHECK_TIMEOUT)
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            return False
+        state = await handle.query(
+            "state", result_type=CallState, rpc_timeout=WORKFLOW_CHECK_TIMEOUT
+        )
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return False
+        log.warning("call %s: could not ask its workflow: %s", call_id, exc)
+        return None
+    except (WorkflowQueryFailedError, TimeoutError) as exc:
+        log.warning("call %s: could not ask its workflow: %s", call_id, exc)
+        return None
+    return state.ended_reason is None
 
 
 @router.post(

@@ -16,7 +16,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from builder_engine.calls import EndedReason
 from realtime.calls import CallLoader, CallNotFound, LoadedCall, SessionFactory
 from realtime.providers.base import MULAW_8K
-from realtime.session import CallSession
+from realtime.session import HANDED_OVER, CallSession
 from realtime.transports import twilio_protocol as tp
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ OUTBOUND_FRAME_MS = 40.0
 #: Close codes of a stream that broke rather than hung up: protocol error, unacceptable
 #: data, invalid UTF-8, a message over the server's size limit (uvicorn's ws_max_size).
 _BROKEN_STREAM_CODES = frozenset({1002, 1003, 1007, 1009})
+#: The close code the ASGI server (uvicorn) gives every socket when it shuts down.
+SERVER_RESTARTING = 1012
 
 
 class TwilioOutbound:
@@ -187,6 +189,11 @@ class TwilioMediaHandler:
             )
             return EndedReason.LOST
         except WebSocketDisconnect as exc:
+            if exc.code == SERVER_RESTARTING:
+                # Our own server is shutting down (it closes every socket with 1012). The
+                # caller is still there: Twilio asks the stream's action URL what next,
+                # and the call resumes on another server.
+                return HANDED_OVER
             if exc.code in _BROKEN_STREAM_CODES:
                 # The websocket layer gave up on what the peer sent: not a hang-up.
                 log.warning("call %s: stream closed with %d", session.setup.call_id, exc.code)
