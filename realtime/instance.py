@@ -62,6 +62,9 @@ class RealtimeInstance:
         self._workflow_id = instance_workflow_id(self.instance_id)
         self._handle = client.get_workflow_handle(self._workflow_id)
         self._sessions: dict[str, CommandHandler] = {}
+        # Calls whose session stopped with the call going on (this process shuts down):
+        # until the process is gone they keep it from leaving as if it had no calls.
+        self._handed_over: set[str] = set()
         self._leftovers: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed_check: asyncio.Task[None] | None = None
@@ -78,6 +81,13 @@ class RealtimeInstance:
     def unregister(self, call_id: str) -> None:
         self._sessions.pop(call_id, None)
 
+    def hand_over(self, call_id: str) -> None:
+        """The call's session stopped, the call goes on elsewhere. It stays on this
+        process's watch list: should it not resume elsewhere, the process's missing
+        beats get it moved, or ended as lost, instead of left waiting forever."""
+        self._sessions.pop(call_id, None)
+        self._handed_over.add(call_id)
+
     def keep(self, task: asyncio.Task[None]) -> None:
         """Hold on to a call's last deliveries (its ``ended`` signal) until they are done,
         after the session itself has gone; process shutdown cancels them."""
@@ -89,7 +99,7 @@ class RealtimeInstance:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        if not self._sessions:
+        if not self._sessions and not self._handed_over:
             # Leaving with no call: not a loss. (With calls, the missing beats get them
             # moved to another process, which is what a stopping process wants.)
             with contextlib.suppress(RPCError):

@@ -59,6 +59,10 @@ class CallLifecycle(Protocol):
 
     def ended(self, reason: str) -> None: ...
 
+    def handed_over(self) -> None:
+        """The session stops and the call goes on, elsewhere (this process shuts down):
+        instead of ``ended``. What was committed is still delivered by ``aclose``."""
+
     def on_workflow_closed(self, callback: Callable[[str], None]) -> None:
         """Have ``callback(ended_reason)`` called (once) should the call's workflow close
         while the session is live - before the session reported its own end."""
@@ -150,6 +154,11 @@ class TemporalCallLifecycle:
         self._session_ended = True
         self._leave_instance()
         self._queue.put_nowait(_Signal("ended", reason))
+
+    def handed_over(self) -> None:
+        self._session_ended = True
+        if self._instance is not None:
+            self._instance.hand_over(self._handle.id)
 
     def on_workflow_closed(self, callback: Callable[[str], None]) -> None:
         self._on_closed = callback

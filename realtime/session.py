@@ -167,7 +167,7 @@ class CallSession:
         self.stats = stats or RealtimeStats()
         self._frame_meter = FrameMeter(self.stats)
         self.clock = clock
-        self.state = CallStateMachine(on_change=self._on_phase)
+        self.state = CallStateMachine()
         self.policy = TurnPolicy.from_config(setup.config.turn)
         self.tracker = VoiceTracker()
         variables = {**setup.config.variables, **setup.variables}
@@ -218,8 +218,6 @@ class CallSession:
         self._interim = ""
         self._finals_seen = 0
         self._transcript_changed = asyncio.Event()
-        self.phase_log: list[CallPhase] = [CallPhase.IDLE]
-        self.turns: list[CommittedTurn] = []
         self._resumed: str | None = None  # a call taken over mid-way: what to say first
 
     def resume(self, next_turn_index: int, line: str) -> None:
@@ -292,6 +290,7 @@ class CallSession:
             # The workflow must not hear of an end: the call is resuming elsewhere. What
             # was committed here still reaches it (``lifecycle.aclose`` below).
             log.info("call %s: handed over (this server is shutting down)", self.setup.call_id)
+            self.lifecycle.handed_over()
         else:
             # The workflow hears of the end before anything below can get stuck.
             self.lifecycle.ended(self.ended_reason or EndedReason.FAILED)
@@ -349,9 +348,6 @@ class CallSession:
             self.end(
                 EndedReason.PROVIDER_ERROR if isinstance(exc, ProviderError) else EndedReason.FAILED
             )
-
-    def _on_phase(self, previous: CallPhase, phase: CallPhase) -> None:
-        self.phase_log.append(phase)
 
     # ------------------------------------------------------------ caller input
 
@@ -888,5 +884,4 @@ class CallSession:
             tool_calls=tool_calls or [],
         )
         self._turn_index += 1
-        self.turns.append(turn)
         self.lifecycle.commit_turn(turn)

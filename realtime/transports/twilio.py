@@ -17,6 +17,7 @@ from builder_engine.calls import EndedReason
 from realtime.calls import CallLoader, CallNotFound, LoadedCall, SessionFactory
 from realtime.providers.base import MULAW_8K
 from realtime.session import HANDED_OVER, CallSession
+from realtime.transports import SERVER_RESTARTING
 from realtime.transports import twilio_protocol as tp
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,6 @@ OUTBOUND_FRAME_MS = 40.0
 #: Close codes of a stream that broke rather than hung up: protocol error, unacceptable
 #: data, invalid UTF-8, a message over the server's size limit (uvicorn's ws_max_size).
 _BROKEN_STREAM_CODES = frozenset({1002, 1003, 1007, 1009})
-#: The close code the ASGI server (uvicorn) gives every socket when it shuts down.
-SERVER_RESTARTING = 1012
 
 
 class TwilioOutbound:

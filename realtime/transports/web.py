@@ -6,7 +6,7 @@ client -> server
   text   {"type": "start", "call_id": "...", "token": "...", "resume": false}   first message
          (after a dropped socket: the same call_id + token again resumes the call - on this
          server within the reconnect grace period, or with "resume": true on another one
-         when this one died)
+         when this one died or closed the socket with 1012 - it is shutting down)
   binary PCM16 little-endian mono 16 kHz audio, any length (20 ms = 640 bytes is best)
   text   {"type": "mark", "name": "..."}    echo each mark once the audio before it played
   text   {"type": "dtmf", "digit": "5"}     keypad input
@@ -33,7 +33,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from builder_engine.calls import EndedReason
 from realtime.calls import CallLoader, CallNotFound, SessionFactory
 from realtime.providers.base import PCM16_16K
-from realtime.session import CallSession
+from realtime.session import HANDED_OVER, CallSession
+from realtime.transports import SERVER_RESTARTING
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class WebMediaHandler:
                 async with asyncio.timeout(MEDIA_TIMEOUT_S):
                     message = await websocket.receive()
                 if message["type"] == "websocket.disconnect":
-                    return _DROPPED
+                    return _dropped(message.get("code"))
                 audio = message.get("bytes")
                 if audio is not None:
                     if len(audio) > MAX_AUDIO_BYTES or len(audio) % 2:
@@ -227,8 +228,16 @@ class WebMediaHandler:
                     return EndedReason.MEDIA_ERROR
         except TimeoutError:
             return EndedReason.LOST
-        except (WebSocketDisconnect, RuntimeError):
+        except WebSocketDisconnect as exc:
+            return _dropped(exc.code)
+        except RuntimeError:
             return _DROPPED
+
+
+def _dropped(code: object) -> str:
+    """A socket gone without a hangup: the client may come back - unless our own server
+    is shutting down, when the client reconnects to another one and resumes there."""
+    return HANDED_OVER if code == SERVER_RESTARTING else _DROPPED
 
 
 def _hash(token: str) -> str:
