@@ -178,6 +178,48 @@ def organization_id(db: sa.Engine, name: str) -> str:
         return session.exec(select(Organization).where(Organization.name == name)).one().id
 
 
+async def insert_calls(
+    api: ApiHarness, agent_id: str, statuses: list[CallStatus]
+) -> list[tuple[str, str]]:
+    """Call rows of the harness's first organization written directly (no workflow), as
+    (call id, call sid). In a thread: a blocking write on the event loop would stall the
+    workers sharing the loop (and the SQLite file) mid-transaction, then wait out the
+    busy timeout on their lock."""
+
+    def insert() -> list[tuple[str, str]]:
+        db = create_sync_engine(api.settings)
+        try:
+            with Session(db) as session:
+                org_id = organization_id(db, api.acme.name)
+                rows = [
+                    Call(
+                        organization_id=org_id,
+                        agent_id=agent_id,
+                        agent_version=1,
+                        direction="inbound",
+                        status=status,
+                        carrier_call_id=new_call_sid(),
+                    )
+                    for status in statuses
+                ]
+                session.add_all(rows)
+                session.commit()
+                return [(row.id, row.carrier_call_id or "") for row in rows]
+        finally:
+            db.dispose()
+
+    return await asyncio.to_thread(insert)
+
+
+def read_call(settings: Settings, call_id: str) -> Call:
+    db = create_sync_engine(settings)
+    try:
+        with Session(db) as session:
+            return session.exec(select(Call).where(Call.id == call_id)).one()
+    finally:
+        db.dispose()
+
+
 @contextlib.asynccontextmanager
 async def serve(settings: Settings, temporal: Client) -> AsyncIterator[Telephony]:
     """The API app for `settings`, with a fresh organization and its key."""
@@ -357,23 +399,27 @@ async def test_calls_that_cannot_be_routed_hear_a_message_and_create_nothing(
     agent_id = await tel.agent("Retired")
     orphaned = await tel.number(agent_id)
     foreign = await tel.number(None)
+
     # The API refuses both of these; the router must not rely on that alone. A deleted
     # agent behind a number (an operator's edit in the database)...
-    with Session(tel.db) as session:
-        agent = session.exec(select(Agent).where(Agent.id == agent_id)).one()
-        agent.deleted_at = datetime.now(UTC)
-        session.add(agent)
-        # ...and a number pointing at another organization's agent.
-        stranger = Organization(name=f"stranger-{secrets.token_hex(4)}")
-        session.add(stranger)
-        session.flush()
-        theirs = Agent(organization_id=stranger.id, name="Theirs", published_version=1)
-        session.add(theirs)
-        session.flush()
-        phone = session.exec(select(PhoneNumber).where(PhoneNumber.number == foreign)).one()
-        phone.agent_id = theirs.id
-        session.add(phone)
-        session.commit()
+    def edit_database() -> None:
+        with Session(tel.db) as session:
+            agent = session.exec(select(Agent).where(Agent.id == agent_id)).one()
+            agent.deleted_at = datetime.now(UTC)
+            session.add(agent)
+            # ...and a number pointing at another organization's agent.
+            stranger = Organization(name=f"stranger-{secrets.token_hex(4)}")
+            session.add(stranger)
+            session.flush()
+            theirs = Agent(organization_id=stranger.id, name="Theirs", published_version=1)
+            session.add(theirs)
+            session.flush()
+            phone = session.exec(select(PhoneNumber).where(PhoneNumber.number == foreign)).one()
+            phone.agent_id = theirs.id
+            session.add(phone)
+            session.commit()
+
+    await asyncio.to_thread(edit_database)
 
     for to_number in (new_number(), unassigned, orphaned, foreign):
         call_sid = new_call_sid()
@@ -583,30 +629,12 @@ async def test_a_final_status_while_temporal_is_down_still_ends_the_record(
     """No workflow can be told, so the callback records the end itself (harness: no
     auth token, Temporal on a port nothing listens on)."""
     agent_id = (await api.acme.client.post("/v1/agents", json={"name": "Lonely"})).json()["id"]
-    call_sid = new_call_sid()
-    db = create_sync_engine(api.settings)
-    try:
-        with Session(db) as session:
-            org = session.exec(select(Organization).where(Organization.name == api.acme.name))
-            call = Call(
-                organization_id=org.one().id,
-                agent_id=agent_id,
-                agent_version=1,
-                direction="inbound",
-                status=CallStatus.IN_PROGRESS,
-                carrier_call_id=call_sid,
-            )
-            session.add(call)
-            session.commit()
-            call_id = call.id
-        params = {**voice_params(call_sid, new_number()), "CallStatus": "busy"}
-        response = await api.anonymous.post(STATUS_PATH, data=params)
-        assert response.status_code == 204, response.text
-        assert call_id in caplog.text  # the operator learns the workflow was not told
-        with Session(db) as session:
-            ended = session.exec(select(Call).where(Call.id == call_id)).one()
-    finally:
-        db.dispose()
+    [(call_id, call_sid)] = await insert_calls(api, agent_id, [CallStatus.IN_PROGRESS])
+    params = {**voice_params(call_sid, new_number()), "CallStatus": "busy"}
+    response = await api.anonymous.post(STATUS_PATH, data=params)
+    assert response.status_code == 204, response.text
+    assert call_id in caplog.text  # the operator learns the workflow was not told
+    ended = await asyncio.to_thread(read_call, api.settings, call_id)
     assert (ended.status, ended.ended_reason) == (CallStatus.ENDED, EndedReason.BUSY)
     assert ended.ended_at is not None and ended.call_metadata == {"carrier_status": "busy"}
 
@@ -687,26 +715,8 @@ async def test_a_stream_ended_while_temporal_is_down_hangs_up_with_a_reason(
     """No session could restore the conversation: the caller hears why (harness: no auth
     token, Temporal on a port nothing listens on). A call the row says ended just ends."""
     agent_id = (await api.acme.client.post("/v1/agents", json={"name": "Cut off"})).json()["id"]
-    db = create_sync_engine(api.settings)
-    calls: dict[str, tuple[str, str]] = {}
-    try:
-        with Session(db) as session:
-            org = session.exec(select(Organization).where(Organization.name == api.acme.name))
-            org_id = org.one().id
-            for status in (CallStatus.IN_PROGRESS, CallStatus.ENDED):
-                call = Call(
-                    organization_id=org_id,
-                    agent_id=agent_id,
-                    agent_version=1,
-                    direction="inbound",
-                    status=status,
-                    carrier_call_id=new_call_sid(),
-                )
-                session.add(call)
-                session.commit()
-                calls[status] = (call.id, call.carrier_call_id or "")
-    finally:
-        db.dispose()
+    statuses = [CallStatus.IN_PROGRESS, CallStatus.ENDED]
+    calls = dict(zip(statuses, await insert_calls(api, agent_id, statuses), strict=True))
 
     async def stream_ended(status: CallStatus) -> Twiml:
         call_id, call_sid = calls[status]
