@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -29,6 +29,11 @@ router = APIRouter(prefix="/telephony/twilio", tags=["telephony"])
 
 TWIML = "application/xml"
 SORRY = "Sorry, we cannot take your call right now. Please try again later."
+#: The OpenAPI description of a webhook that answers TwiML.
+TWIML_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {TWIML: {}}, "description": "TwiML"},
+    403: {"description": "Bad X-Twilio-Signature."},
+}
 LOST = "Sorry, we lost the connection to your call. Please call us again."
 #: Streams of one call restarted in a row through ``<Connect action>``: a stream that is
 #: refused or dropped again and again ends the call rather than loop forever.
@@ -90,10 +95,7 @@ def _hang_up() -> Response:
     "/voice",
     summary="Twilio voice webhook: answer a call with a media stream to the agent",
     response_class=Response,
-    responses={
-        200: {"content": {TWIML: {}}, "description": "TwiML"},
-        403: {"description": "Bad X-Twilio-Signature."},
-    },
+    responses=TWIML_RESPONSES,
 )
 async def voice(
     request: Request,
@@ -145,10 +147,7 @@ async def voice(
     "/stream-ended",
     summary="Twilio <Connect action>: a call's media stream ended; hang up or stream again",
     response_class=Response,
-    responses={
-        200: {"content": {TWIML: {}}, "description": "TwiML"},
-        403: {"description": "Bad X-Twilio-Signature."},
-    },
+    responses=TWIML_RESPONSES,
 )
 async def stream_ended(
     request: Request,
