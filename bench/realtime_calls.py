@@ -1,7 +1,7 @@
 """N concurrent emulated Twilio calls through a real realtime process.
 
     .venv/bin/python bench/realtime_calls.py --calls 100 [--turns 4] [--soak-s 600]
-        [--token-interval-ms 10] [--line-noise-dbfs -60]
+        [--call-s 30] [--token-interval-ms 10] [--line-noise-dbfs -60]
 
 Runs the platform's processes the way ``builder-engine up`` does - the Temporal dev server
 (with its tuning flags, GOMAXPROCS=1 on a small machine, at nice 10), the worker (nice 10)
@@ -13,7 +13,9 @@ own, and N phones in this process (20 ms mu-law frames in real time, marks echoe
 Phases. Every phone connects (spread over 2 s) and hears the greeting. Once all are
 connected, each starts talking after a random pause of up to 3 s: ``--turns`` questions,
 each asked 0.4 s after the answer ended, then a long question whose answer it interrupts
-1 s in (``--soak-s``: questions until the time is up, no interruption). Once every phone is
+1 s in (``--soak-s``: questions until the time is up, no interruption; with ``--call-s``
+each phone hangs up after that long - at least ``--turns`` questions - and dials a new
+call, so calls end and start all through the soak). Once every phone is
 done, all hang up and the calls' wrap-up runs (their workflows end, post-call work). The
 measurement window runs from the last phone connected to the last phone done: N calls in
 conversation at once. Set-up and wrap-up are measured on their own.
@@ -49,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +126,39 @@ class CallResult:
     overheads_ms: list[float] = field(default_factory=list)
     bargein_ms: list[float] = field(default_factory=list)
     max_gap_ms: float = 0.0
+    calls: int = 1  # calls this phone made (more than one with ``--call-s``)
     error: str | None = None
+
+
+async def redial_until(
+    phone: TwilioPhone,
+    *,
+    url: str,
+    redial: Callable[[], Awaitable[str]],
+    speech: Speech,
+    turns: int,
+    call_s: float,
+    soak_until: float,
+    line_noise: bytes | None,
+    result: CallResult,
+) -> list[float]:
+    """Calls that end and start again until the soak is over: ``phone``'s call (already
+    greeted) lasts ``call_s``, then each new one does. Returns the answers' gaps."""
+    loop = asyncio.get_running_loop()
+    await converse(phone, speech, turns, min(soak_until, loop.time() + call_s), result)
+    await phone.hang_up()
+    gaps = list(phone.underruns)
+    while loop.time() < soak_until - call_s / 2:
+        call_id = await redial()
+        async with TwilioPhone(
+            url, parameters={"call_id": call_id}, history=2000, line_noise=line_noise
+        ) as again:
+            await again.wait_for_media_after(0, within=30)
+            await again.wait_until_quiet(0.4, within=30)
+            await converse(again, speech, turns, min(soak_until, loop.time() + call_s), result)
+            gaps.extend(again.underruns)
+        result.calls += 1
+    return gaps
 
 
 async def converse(
@@ -172,6 +206,8 @@ async def run_call(
     finished: Phase,
     soak_s: float,
     line_noise: bytes | None,
+    call_s: float = 0.0,
+    redial: Callable[[], Awaitable[str]] | None = None,
 ) -> CallResult:
     result = CallResult()
     phases = [connected, finished]
@@ -187,8 +223,22 @@ async def run_call(
             await asyncio.sleep(start_delay)
             loop = asyncio.get_running_loop()
             soak_until = loop.time() + soak_s if soak_s else None
-            await converse(phone, speech, turns, soak_until, result)
-            result.max_gap_ms = 1000.0 * max(phone.underruns, default=0.0)
+            if soak_until is not None and call_s and redial is not None:
+                gaps = await redial_until(
+                    phone,
+                    url=url,
+                    redial=redial,
+                    speech=speech,
+                    turns=turns,
+                    call_s=call_s,
+                    soak_until=soak_until,
+                    line_noise=line_noise,
+                    result=result,
+                )
+            else:
+                await converse(phone, speech, turns, soak_until, result)
+                gaps = list(phone.underruns)
+            result.max_gap_ms = 1000.0 * max(gaps, default=0.0)
             phases.pop(0).arrive()
             await finished.wait()  # everyone hangs up together: wrap-up is measured apart
     except Exception as exc:
@@ -460,7 +510,11 @@ def report(
     names = sorted({name for a in answers for name in a})
     medians = {n: round(statistics.median(a[n] for a in answers if n in a), 1) for n in names}
     baseline, peak, samples = rss
-    print(f"calls: {calls} in conversation for {window_s:.1f} s, errors: {len(errors)}")
+    made = sum(r.calls for r in results)
+    print(
+        f"calls: {calls} in conversation for {window_s:.1f} s ({made} calls made), "
+        f"errors: {len(errors)}"
+    )
     for error in errors[:5]:
         print("  error:", error)
     print(
@@ -523,7 +577,12 @@ def report(
 
 
 async def main(
-    calls: int, turns: int, token_interval_ms: float, soak_s: float, noise_dbfs: float | None
+    calls: int,
+    turns: int,
+    token_interval_ms: float,
+    soak_s: float,
+    noise_dbfs: float | None,
+    call_s: float = 0.0,
 ) -> None:
     env = await start_temporal()
     processes: list[subprocess.Popen[bytes]] = []
@@ -573,6 +632,11 @@ async def main(
         )
         connected, finished = Phase(calls), Phase(calls)
         url = f"ws://127.0.0.1:{port}/media/twilio"
+
+        async def redial() -> str:
+            [call_id] = await create_calls(settings, env.client, 1)
+            return call_id
+
         spread = random.Random(1)
         tasks = [
             asyncio.create_task(
@@ -587,6 +651,8 @@ async def main(
                     finished=finished,
                     soak_s=soak_s,
                     line_noise=noise,
+                    call_s=call_s,
+                    redial=redial,
                 )
             )
             for i, call_id in enumerate(call_ids)
@@ -664,6 +730,12 @@ if __name__ == "__main__":
         help="keep every call asking questions for this long (memory soak); no barge-in",
     )
     parser.add_argument(
+        "--call-s",
+        type=float,
+        default=0.0,
+        help="with --soak-s: each call lasts this long, then the phone dials a new one",
+    )
+    parser.add_argument(
         "--line-noise-dbfs",
         type=float,
         default=None,
@@ -675,7 +747,14 @@ if __name__ == "__main__":
         asyncio.run(serve_emulators(args.turns, args.token_interval_ms, bool(args.soak_s)))
         sys.exit(0)
     asyncio.run(
-        main(args.calls, args.turns, args.token_interval_ms, args.soak_s, args.line_noise_dbfs)
+        main(
+            args.calls,
+            args.turns,
+            args.token_interval_ms,
+            args.soak_s,
+            args.line_noise_dbfs,
+            args.call_s,
+        )
     )
     sys.stdout.flush()
     os._exit(0)  # the Temporal SDK can crash at interpreter exit (sdk-python #300)
