@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import secrets
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -96,12 +95,10 @@ class Stack:
             "/telephony/twilio/voice", data=params, headers={"X-Twilio-Signature": signature}
         )
         assert response.status_code == 200, response.text
-        twiml = response.text
-        self.answers[call_sid] = twiml
-        stream = re.search(r'<Stream url="([^"]+)"', twiml)
-        call_id = re.search(r'<Parameter name="call_id" value="([^"]+)"', twiml)
-        assert stream and call_id, twiml
-        return call_sid, stream.group(1), call_id.group(1)
+        self.answers[call_sid] = response.text
+        stream = read_twiml(response.text).stream
+        assert stream is not None and "call_id" in stream.parameters, response.text
+        return call_sid, stream.url, stream.parameters["call_id"]
 
     async def stream_ended(self, action: str, call_sid: str) -> Instructions:
         """Twilio after a ``<Connect><Stream>`` ended with the caller still on the line: a

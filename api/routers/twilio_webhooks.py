@@ -74,8 +74,23 @@ def _public_url(request: Request, context: Context) -> str:
     return f"{context.settings.effective_public_url}{request.url.path}{query}"
 
 
-def _twiml(response: VoiceResponse) -> Response:
-    return Response(content=str(response), media_type=TWIML)
+def _twiml(twiml: VoiceResponse | str) -> Response:
+    return Response(content=str(twiml), media_type=TWIML)
+
+
+def _stream(context: Context, call_id: str, *, attempt: int = 0) -> Response:
+    """The call's media stream to the realtime server; ``attempt`` > 0: the stream ended
+    with the call live, and this one resumes it (the ``attempt``-th time in a row)."""
+    settings = context.settings
+    return _twiml(
+        stream_twiml(
+            settings.effective_realtime_url,
+            call_id,
+            public_url=settings.effective_public_url,
+            resume=attempt > 0,
+            attempt=attempt,
+        )
+    )
 
 
 def _say_and_hang_up(text: str) -> Response:
@@ -136,11 +151,7 @@ async def voice(
         # A retry for a call that already ended (or never got its workflow): the
         # media server refuses ended calls, so a stream would only be dead air.
         return _say_and_hang_up(SORRY)
-    settings = context.settings
-    twiml = stream_twiml(
-        settings.effective_realtime_url, call.id, public_url=settings.effective_public_url
-    )
-    return Response(content=twiml, media_type=TWIML)
+    return _stream(context, call.id)
 
 
 @router.post(
@@ -181,15 +192,7 @@ async def stream_ended(
         log.error("call %s: its stream ended %d times in a row; hanging up", call.id, attempt)
         return _say_and_hang_up(LOST)
     log.warning("call %s: its media stream ended with the call live; streaming it again", call.id)
-    settings = context.settings
-    twiml = stream_twiml(
-        settings.effective_realtime_url,
-        call.id,
-        public_url=settings.effective_public_url,
-        resume=True,
-        attempt=attempt + 1,
-    )
-    return Response(content=twiml, media_type=TWIML)
+    return _stream(context, call.id, attempt=attempt + 1)
 
 
 async def _call_goes_on(context: Context, call_id: str) -> bool | None:
@@ -209,12 +212,9 @@ async def _call_goes_on(context: Context, call_id: str) -> bool | None:
         state = await handle.query(
             "state", result_type=CallState, rpc_timeout=WORKFLOW_CHECK_TIMEOUT
         )
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
+    except (RPCError, WorkflowQueryFailedError, TimeoutError) as exc:
+        if isinstance(exc, RPCError) and exc.status == RPCStatusCode.NOT_FOUND:
             return False
-        log.warning("call %s: could not ask its workflow: %s", call_id, exc)
-        return None
-    except (WorkflowQueryFailedError, TimeoutError) as exc:
         log.warning("call %s: could not ask its workflow: %s", call_id, exc)
         return None
     return state.ended_reason is None
