@@ -23,6 +23,7 @@ from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
+from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -63,8 +64,11 @@ class TwilioPhone:
         stream_sid: str | None = None,
         history: int | None = None,
         line_noise: bytes | None = None,
+        auth_token: str | None = None,
     ) -> None:
+        """``auth_token``: sign the websocket handshake as Twilio does (X-Twilio-Signature)."""
         self.url = url
+        self.auth_token = auth_token
         self.parameters = parameters
         self.call_sid = call_sid or "CA" + secrets.token_hex(16)
         self.stream_sid = stream_sid or "MZ" + secrets.token_hex(16)
@@ -92,7 +96,12 @@ class TwilioPhone:
     # ------------------------------------------------------------ connection
 
     async def __aenter__(self) -> Self:
-        self._ws = await connect(self.url, max_size=2**20, compression=None)
+        self._ws = await connect(
+            self.url,
+            max_size=2**20,
+            compression=None,
+            additional_headers=stream_headers(self.url, self.auth_token),
+        )
         await self._send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         await self._send_json(
             {
@@ -136,6 +145,12 @@ class TwilioPhone:
         """Twilio runs new TwiML (a REST call update): it sends `stop` and drops the socket,
         without waiting for a server that may not answer any more (a frozen process)."""
         await self._stop(wait_for_close=False)
+
+    def go_silent(self) -> None:
+        """The path to the server breaks without a close: nothing this phone says
+        arrives any more, and the server sees a socket that is still open."""
+        for task in self._tasks[:1]:
+            task.cancel()
 
     async def _stop(self, *, wait_for_close: bool) -> None:
         if self._ws is None:
@@ -357,6 +372,14 @@ class TwilioPhone:
                 raise TimeoutError("the agent kept talking")
             quiet_at = (last if last is not None else now) + quiet_s
             await asyncio.sleep(min(max(quiet_at, self._play_until) - now, deadline - now) + 0.001)
+
+
+def stream_headers(url: str, auth_token: str | None) -> dict[str, str]:
+    """The handshake headers of a media stream Twilio opens: signed with the account's
+    auth token over the stream URL (a GET: no parameters)."""
+    if auth_token is None:
+        return {}
+    return {"X-Twilio-Signature": RequestValidator(auth_token).compute_signature(url, {})}
 
 
 def _frames(audio: bytes) -> list[bytes]:

@@ -26,6 +26,7 @@ from realtime.media.vad import VadBatcher
 from realtime.providers.registry import ProviderRegistry, ProviderResources
 from realtime.stats import RealtimeStats
 from realtime.transports.twilio import TwilioMediaHandler
+from realtime.transports.twilio_signature import StreamSignature
 from realtime.transports.web import WebMediaHandler
 from workflows.liveness import ResumeState
 
@@ -69,7 +70,7 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
         loader = CallLoader(session_factory(engine))
         watcher = asyncio.create_task(factory.stats.watch_loop(), name="loop-lag")
         app.state.context = RealtimeContext(
-            twilio=TwilioMediaHandler(loader, factory),
+            twilio=TwilioMediaHandler(loader, factory, signature=_stream_signature(settings)),
             web=WebMediaHandler(loader, factory),
             stats=factory.stats,
             vad=factory.vad_batcher,
@@ -112,3 +113,14 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
         await context.web.handle(websocket)
 
     return app
+
+
+def _stream_signature(settings: Settings) -> StreamSignature | None:
+    """With a Twilio auth token configured, only streams Twilio signed are taken (as the
+    API's Twilio webhooks); without one (development, the web-only setup), any."""
+    if settings.twilio_auth_token is None:
+        return None
+    return StreamSignature(
+        settings.twilio_auth_token.get_secret_value(),
+        f"{settings.effective_realtime_url}/media/twilio",
+    )

@@ -41,6 +41,7 @@ class LoadedCall:
     variables: dict[str, VariableValue] = field(default_factory=dict)
     join_token_hash: str | None = None  # web calls: the hash of the token that may join
     tools: tuple[ToolDef, ...] = ()  # the agent's tools (organization-scoped, live ones)
+    carrier_call_id: str | None = None  # the carrier's id of the call (Twilio's CallSid)
 
 
 class CallLoader:
@@ -80,6 +81,7 @@ class CallLoader:
             variables=dict(variables),
             join_token_hash=call.call_metadata.get("join_token_hash"),
             tools=tuple(tools),
+            carrier_call_id=call.carrier_call_id,
         )
 
 

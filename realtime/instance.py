@@ -77,6 +77,7 @@ class RealtimeInstance:
 
     def register(self, call_id: str, on_command: CommandHandler) -> None:
         self._sessions[call_id] = on_command
+        self._handed_over.discard(call_id)  # it came back to this process
 
     def unregister(self, call_id: str) -> None:
         self._sessions.pop(call_id, None)

@@ -72,8 +72,8 @@ TRANSCRIPT_WAIT_S = 1.5  # longest wait for the recognizer's final after the end
 CLOSING_PLAYBACK_S = 15.0  # longest wait for a goodbye to play before hanging up
 DTMF_COLLECT_S = 1.5  # digits typed within this of each other are one entry
 TEARDOWN_WAIT_S = 5.0  # longest wait for the call's own tasks to stop when it ends
-#: Not an ended reason: the session stops because its server is shutting down, and the
-#: call goes on - the carrier streams it to another server, whose session resumes it.
+#: Not an ended reason: the session stops and the call goes on in another session, which
+#: resumes it - on another server (this one is shutting down) or on a newer stream here.
 HANDED_OVER = "handed-over"
 
 
@@ -289,7 +289,7 @@ class CallSession:
         if self.ended_reason == HANDED_OVER:
             # The workflow must not hear of an end: the call is resuming elsewhere. What
             # was committed here still reaches it (``lifecycle.aclose`` below).
-            log.info("call %s: handed over (this server is shutting down)", self.setup.call_id)
+            log.info("call %s: handed over to another session", self.setup.call_id)
             self.lifecycle.handed_over()
         else:
             # The workflow hears of the end before anything below can get stuck.

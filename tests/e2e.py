@@ -118,7 +118,9 @@ class Stack:
         return read_twiml(response.text)
 
     def phone(self, stream_url: str, call_id: str, call_sid: str) -> TwilioPhone:
-        return TwilioPhone(stream_url, parameters={"call_id": call_id}, call_sid=call_sid)
+        return TwilioPhone(
+            stream_url, parameters={"call_id": call_id}, call_sid=call_sid, auth_token=TWILIO_TOKEN
+        )
 
 
 @contextlib.asynccontextmanager

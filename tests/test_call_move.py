@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
-from e2e import Stack, free_port, running_stack
+from e2e import TWILIO_TOKEN, Stack, free_port, running_stack
 from pydantic import SecretStr
 from sqlmodel import Session, col, select
 from test_tools_crash import WorkerProcess
@@ -138,7 +138,7 @@ async def test_a_realtime_worker_lost_mid_call_and_the_call_goes_on(
     """
     first = RealtimeProcess(stack)
     second = RealtimeProcess(stack) if failure == "frozen" else None
-    async with TwilioRestEmulator() as rest:
+    async with TwilioRestEmulator(auth_token=TWILIO_TOKEN) as rest:
         worker = WorkerProcess(stack)
         worker.env.update(
             {
@@ -163,7 +163,10 @@ async def test_a_realtime_worker_lost_mid_call_and_the_call_goes_on(
             assert answer.stream is not None and answer.stream.action is not None
 
             phone = TwilioPhone(
-                f"{first.url}/media/twilio", parameters={"call_id": call_id}, call_sid=call_sid
+                f"{first.url}/media/twilio",
+                parameters={"call_id": call_id},
+                call_sid=call_sid,
+                auth_token=TWILIO_TOKEN,
             )
             loop = asyncio.get_running_loop()
             async with phone:
@@ -212,7 +215,10 @@ async def test_a_realtime_worker_lost_mid_call_and_the_call_goes_on(
             # Twilio follows the new TwiML: a new stream, same call, to the other worker.
             requests_before = len(stack.openai.chat_requests)
             phone = TwilioPhone(
-                follow.stream.url, parameters=follow.stream.parameters, call_sid=call_sid
+                follow.stream.url,
+                parameters=follow.stream.parameters,
+                call_sid=call_sid,
+                auth_token=TWILIO_TOKEN,
             )
             async with phone:
                 second_connected = loop.time()

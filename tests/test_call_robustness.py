@@ -27,14 +27,15 @@ import pytest
 from e2e import Stack, running_stack
 from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from builder_engine.config import Settings
 from emulators.openai import Fail, Reply
 from emulators.speech import caller_speech
-from emulators.twilio_phone import TwilioPhone
+from emulators.twilio_phone import TwilioPhone, stream_headers
 from realtime.app import create_app as create_realtime
 from realtime.calls import ProviderFactory
+from realtime.resume import RESUME_LINE
 from realtime.session import APOLOGY
 from realtime.transports.twilio import TwilioMediaHandler
 
@@ -119,8 +120,10 @@ async def harness(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Har
 class RawStream:
     """A bare Media Streams client that sends exactly what the test says."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, auth_token: str | None = e2e.TWILIO_TOKEN) -> None:
+        """``auth_token``: sign the handshake as Twilio does (None: unsigned)."""
         self.url = url
+        self.auth_token = auth_token
         self.stream_sid = "MZ" + secrets.token_hex(16)
         self.received: list[dict[str, Any]] = []
         self._ws: ClientConnection | None = None
@@ -132,7 +135,12 @@ class RawStream:
         return self._ws
 
     async def __aenter__(self) -> Self:
-        self._ws = await connect(self.url, max_size=2**20, compression=None)
+        self._ws = await connect(
+            self.url,
+            max_size=2**20,
+            compression=None,
+            additional_headers=stream_headers(self.url, self.auth_token),
+        )
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -292,10 +300,17 @@ async def test_garbage_is_dropped_and_the_call_and_its_neighbour_go_on(
                 assert phone_a._ws is not None  # a binary frame needs the socket itself
                 await phone_a._ws.send(message)
             await asyncio.sleep(0.01)
-        # A second stream claiming call A while A is live is refused: it would be a second
-        # session writing the same call's record.
+        # Streams that are not Twilio's for call A are refused while A goes on: one
+        # without Twilio's signature at the handshake, one from another call sid.
+        with pytest.raises(InvalidStatus) as refused:
+            async with RawStream(url_a, auth_token=None):
+                pass
+        assert refused.value.response.status_code == 403
+        with pytest.raises(InvalidStatus):
+            async with RawStream(url_a, auth_token="not-the-account-token"):
+                pass
         async with RawStream(url_a) as intruder:
-            await intruder.start(call_a)
+            await intruder.start(call_a, "CA" + "9" * 32)
             assert await intruder.closed_by_server(within=5) == 1008
         # Call A still answers a question.
         await ask(phone_a)
@@ -311,6 +326,39 @@ async def test_garbage_is_dropped_and_the_call_and_its_neighbour_go_on(
             ("caller", QUESTION),
             ("agent", HOURS),
         ]
+
+
+async def test_a_newer_stream_for_a_live_call_takes_the_call_over(harness: Harness) -> None:
+    """Twilio gave up on a stream the server still thinks is open (the network path
+    broke, no close came) and, through the stream's ``<Connect action>``, opened a new
+    one for the call: the new stream takes the call over, history and all, and the old
+    socket is closed - where it used to be refused until the old one timed out."""
+    call_sid, url, call_id = await harness.call()
+    async with harness.stack.phone(url, call_id, call_sid) as old:
+        await greeted(old)
+        await ask(old)
+        old.go_silent()
+        new = TwilioPhone(
+            url,
+            parameters={"call_id": call_id, "resume": "1"},
+            call_sid=call_sid,
+            auth_token=e2e.TWILIO_TOKEN,
+        )
+        async with new:
+            await old.wait_closed_by_server(within=10)
+            await greeted(new)
+            await ask(new)
+    call = await harness.ended_call(call_id)
+    assert call["ended_reason"] == "caller-hangup"
+    assert [(t["speaker"], t["text"]) for t in call["turns"]] == [
+        ("agent", GREETING),
+        ("caller", QUESTION),
+        ("agent", HOURS),
+        ("agent", RESUME_LINE),
+        ("caller", QUESTION),
+        ("agent", HOURS),
+    ]
+    assert [t["index"] for t in call["turns"]] == list(range(6))
 
 
 async def test_a_stream_that_never_starts_is_closed(harness: Harness) -> None:

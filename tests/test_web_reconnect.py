@@ -1,7 +1,8 @@
 """A browser call whose socket drops: the client reconnects with the same call id and
 token within the grace period and the same call goes on - no second greeting, one
-session; a client that never comes back ends the call as a caller hang-up; a server that
-shuts down closes the socket with 1012 and the call goes on on another server."""
+session (also while the old socket still looks open: the newer connection wins); a
+client that never comes back ends the call as a caller hang-up; a server that shuts
+down closes the socket with 1012 and the call goes on on another server."""
 
 from __future__ import annotations
 
@@ -78,7 +79,17 @@ async def test_a_dropped_web_socket_reconnects_to_the_same_call(tmp_path: Path) 
         await asyncio.sleep(1.0)
         ws, started = await _join(call)
         assert started["resumed"] is True and started["call_id"] == call["call_id"]
-        assert await _hang_up(ws) == {"type": "ended", "reason": "caller-hangup"}
+
+        # The network changes again, and the server never hears the old socket close (it
+        # looks open): the client's new connection takes the call over at once.
+        newer, started = await _join(call)
+        assert started["resumed"] is True
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(5):
+                async for _ in ws:
+                    pass
+        assert ws.close_code == 4000
+        assert await _hang_up(newer) == {"type": "ended", "reason": "caller-hangup"}
 
         handle = stack.temporal.get_workflow_handle(call["call_id"])
         await asyncio.wait_for(handle.result(), 15)

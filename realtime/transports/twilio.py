@@ -19,6 +19,7 @@ from realtime.providers.base import MULAW_8K
 from realtime.session import HANDED_OVER, CallSession
 from realtime.transports import SERVER_RESTARTING
 from realtime.transports import twilio_protocol as tp
+from realtime.transports.twilio_signature import StreamSignature
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ START_TIMEOUT_S = 10.0
 MEDIA_TIMEOUT_S = 15.0
 #: Bad frames tolerated per call before the stream is considered broken.
 MAX_BAD_FRAMES = 50
+#: How long a new stream for a call waits for the call's earlier session here to stop.
+TAKEOVER_TIMEOUT_S = 10.0
 #: Agent audio goes to Twilio in media messages of 40 ms (Twilio takes any length; it
 #: plays what it buffers). Twice the audio per message of a 20 ms frame: half the
 #: messages to build and send, here and at Twilio, at the same 60 ms lead.
@@ -60,6 +63,20 @@ class TwilioOutbound:
             await self._ws.send_text(text)
 
 
+class _Stream:
+    """A call's media stream in this process, as the next stream for the call sees it."""
+
+    def __init__(self) -> None:
+        self.pump: asyncio.Task[str] | None = None
+        self.superseded = False
+        self.done = asyncio.Event()
+
+    def supersede(self) -> None:
+        self.superseded = True
+        if self.pump is not None:
+            self.pump.cancel()
+
+
 @dataclass
 class StreamStats:
     frames: int = 0
@@ -76,17 +93,26 @@ class TwilioMediaHandler:
         start_timeout_s: float = START_TIMEOUT_S,
         media_timeout_s: float = MEDIA_TIMEOUT_S,
         max_bad_frames: int = MAX_BAD_FRAMES,
+        takeover_timeout_s: float = TAKEOVER_TIMEOUT_S,
+        signature: StreamSignature | None = None,
     ) -> None:
+        """``signature``: check Twilio's handshake signature (a Twilio auth token is set)."""
         self._loader = loader
         self._sessions = sessions
         self.start_timeout_s = start_timeout_s
         self.media_timeout_s = media_timeout_s
         self.max_bad_frames = max_bad_frames
-        # Calls with a stream in this process: a second stream for one of them would run a
-        # second session writing the same call's record.
-        self._streaming: set[str] = set()
+        self.takeover_timeout_s = takeover_timeout_s
+        self._signature = signature
+        # The stream of each call with a session in this process. One session per call:
+        # a newer stream for the call takes over from the one before (see ``_take_over``).
+        self._streams: dict[str, _Stream] = {}
 
     async def handle(self, websocket: WebSocket) -> None:
+        if self._signature is not None and not self._signature.valid(websocket):
+            log.warning("refused a twilio media stream without a valid X-Twilio-Signature")
+            await _close(websocket, 1008)  # before accept: the handshake gets a 403
+            return
         await websocket.accept()
         stats = StreamStats()
         try:
@@ -103,33 +129,76 @@ class TwilioMediaHandler:
             log.warning("twilio stream for unknown call %r (call sid %s)", call_id, start.call_sid)
             await _close(websocket, 1008)
             return
-        if call.call_id in self._streaming:
-            log.warning("a second twilio stream for call %s was refused", call.call_id)
+        if call.carrier_call_id is not None and start.call_sid != call.carrier_call_id:
+            log.warning(
+                "a twilio stream for call %s came from another call sid (%s)",
+                call.call_id,
+                start.call_sid,
+            )
             await _close(websocket, 1008)
             return
-        self._streaming.add(call.call_id)
+        stream = _Stream()
+        earlier = self._streams.get(call.call_id)
+        self._streams[call.call_id] = stream
         try:
-            await self._run_call(websocket, start, call, stats)
+            resume = start.custom_parameters.get("resume") == "1"
+            if earlier is not None:
+                if not await self._take_over(call.call_id, earlier, stream):
+                    await _close(websocket, 1008)
+                    return
+                resume = True  # the call was live here: no second greeting
+            await self._run_call(websocket, start, call, stats, stream, resume=resume)
         finally:
-            self._streaming.discard(call.call_id)
+            if self._streams.get(call.call_id) is stream:
+                del self._streams[call.call_id]
+            stream.done.set()
+
+    async def _take_over(self, call_id: str, earlier: _Stream, stream: _Stream) -> bool:
+        """A new stream for a call whose stream here still looks open. Twilio runs one
+        stream per call: it has given up on the earlier socket (half-open, say: the
+        network path broke and no close ever came) and asked our ``<Connect action>``
+        what next. The earlier session hands the call over - its committed turns reach
+        the workflow, no end - and this stream's session resumes from there."""
+        log.warning("call %s: a new twilio stream replaces the one still open", call_id)
+        earlier.supersede()
+        try:
+            async with asyncio.timeout(self.takeover_timeout_s):
+                await earlier.done.wait()
+        except TimeoutError:
+            log.error("call %s: the replaced session did not stop in time", call_id)
+            return False
+        return not stream.superseded  # an even newer stream may have come meanwhile
 
     async def _run_call(
-        self, websocket: WebSocket, start: tp.Start, call: LoadedCall, stats: StreamStats
+        self,
+        websocket: WebSocket,
+        start: tp.Start,
+        call: LoadedCall,
+        stats: StreamStats,
+        stream: _Stream,
+        *,
+        resume: bool,
     ) -> None:
+        """``resume``: the call was live on another realtime process (or on an earlier
+        stream here); the session restores the conversation from the CallWorkflow."""
         outbound = TwilioOutbound(websocket, start.stream_sid)
-        # resume=1: the CallWorkflow moved this live call here (its worker died).
-        resume = start.custom_parameters.get("resume") == "1"
         session = await self._sessions.create(
             call, outbound, MULAW_8K, resume=resume, frame_ms=OUTBOUND_FRAME_MS
         )
         runner = asyncio.create_task(session.run(), name=f"{call.call_id}:session")
-        pump = asyncio.create_task(self._pump(websocket, start.stream_sid, session, stats))
+        pump = stream.pump = asyncio.create_task(
+            self._pump(websocket, start.stream_sid, session, stats)
+        )
+        if stream.superseded:
+            pump.cancel()  # replaced while the session was being set up
         # When the session ends by itself (the agent hung up), stop reading the socket.
         runner.add_done_callback(lambda _: pump.cancel())
         try:
             session.end(await pump)
         except asyncio.CancelledError:
-            if not runner.done():
+            if stream.superseded and not runner.done():
+                session.end(HANDED_OVER)
+            elif not runner.done():
                 raise
         except Exception:
             # A bug while handling one message must still end this call (with a reason),

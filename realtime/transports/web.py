@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 10.0
 MEDIA_TIMEOUT_S = 30.0
 MAX_TEXT_BYTES = 4096
+#: Close code of a socket whose call moved to a newer connection of the same client.
+REPLACED = 4000
 MAX_AUDIO_BYTES = 64_000  # 2 s of audio in one message is already more than anyone sends
 
 
@@ -84,6 +86,7 @@ class _LiveCall:
         self.runner = runner
         self.attached = True
         self.grace: asyncio.TimerHandle | None = None
+        self.pump: asyncio.Task[str] | None = None  # reading the current socket
 
 
 def _json(text: str) -> dict[str, Any] | None:
@@ -132,9 +135,12 @@ class WebMediaHandler:
             return
         live = self._live.get(call.call_id)
         if live is not None:
-            if live.attached:
-                await _close(websocket, 1008, "the call is connected elsewhere")
-                return
+            if live.attached and live.pump is not None:
+                # The client is back while its old socket still looks open here (a
+                # network change leaves it half-open until the media timeout): the call's
+                # token holder moved to this socket, the old one is let go.
+                log.info("call %s: a new connection takes the call over", call.call_id)
+                live.pump.cancel()
             # The client is back: the same session goes on, on this socket.
             if live.grace is not None:
                 live.grace.cancel()
@@ -164,10 +170,13 @@ class WebMediaHandler:
     async def _serve(self, websocket: WebSocket, live: _LiveCall) -> None:
         """Feed the call from this socket until the call ends or the socket drops."""
         session, runner = live.session, live.runner
-        pump = asyncio.create_task(self._pump(websocket, session))
+        pump = live.pump = asyncio.create_task(self._pump(websocket, session))
         try:
             await asyncio.wait({pump, runner}, return_when=asyncio.FIRST_COMPLETED)
             if not runner.done():
+                if pump.cancelled():  # a newer connection took the call over
+                    await _close(websocket, REPLACED, "the call moved to a newer connection")
+                    return
                 reason = pump.result()
                 if reason == _DROPPED:
                     # Keep the call for the client to come back (same call id and token).
