@@ -20,6 +20,7 @@ from builder_engine.config import Settings
 from builder_engine.db.engine import create_async_db_engine, session_factory
 from builder_engine.temporal_setup import connect
 from realtime.calls import CallLoader, ProviderFactory, SessionFactory
+from realtime.collector import CallGarbageCollector
 from realtime.instance import RealtimeInstance
 from realtime.lifecycle import CallLifecycle, TemporalCallLifecycle
 from realtime.media.vad import VadBatcher
@@ -37,6 +38,7 @@ class RealtimeContext:
     web: WebMediaHandler
     stats: RealtimeStats
     vad: VadBatcher
+    collector: CallGarbageCollector
 
 
 def create_app(settings: Settings, *, providers: ProviderFactory | None = None) -> FastAPI:
@@ -69,16 +71,21 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
         )
         loader = CallLoader(session_factory(engine))
         watcher = asyncio.create_task(factory.stats.watch_loop(), name="loop-lag")
+        stats = factory.stats
+        collector = CallGarbageCollector(lambda: stats.calls_ended)
+        collecting = asyncio.create_task(collector.run(), name="garbage-collector")
         app.state.context = RealtimeContext(
             twilio=TwilioMediaHandler(loader, factory, signature=_stream_signature(settings)),
             web=WebMediaHandler(loader, factory),
             stats=factory.stats,
             vad=factory.vad_batcher,
+            collector=collector,
         )
         try:
             yield
         finally:
             watcher.cancel()
+            collecting.cancel()
             await instance.aclose()
             await resources.aclose()
             await engine.dispose()
@@ -98,9 +105,14 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
 
     @app.get("/stats")
     async def stats() -> dict[str, float | int]:
-        """Calls in progress and the cost of inbound frames (decode, resample, VAD)."""
+        """Calls in progress, the cost of inbound frames (decode, resample, VAD) and of
+        the full garbage collections."""
         context: RealtimeContext = app.state.context
-        return {**context.stats.snapshot(), **context.vad.snapshot()}
+        return {
+            **context.stats.snapshot(),
+            **context.vad.snapshot(),
+            **context.collector.snapshot(),
+        }
 
     @app.websocket("/media/twilio")
     async def media_twilio(websocket: WebSocket) -> None:

@@ -112,6 +112,7 @@ CLOSED_CHECK_TIMEOUT_S = 5.0
 class _Signal:
     name: str
     arg: object | None = None
+    sender: str | None = None  # ``ended``: the realtime instance whose session ended
 
 
 class TemporalCallLifecycle:
@@ -153,7 +154,9 @@ class TemporalCallLifecycle:
     def ended(self, reason: str) -> None:
         self._session_ended = True
         self._leave_instance()
-        self._queue.put_nowait(_Signal("ended", reason))
+        # Which process says so: a call moved away from this one ignores its end.
+        instance = self._instance.instance_id if self._instance is not None else None
+        self._queue.put_nowait(_Signal("ended", reason, instance))
 
     def handed_over(self) -> None:
         self._session_ended = True
@@ -256,9 +259,9 @@ class TemporalCallLifecycle:
                 turns, due = [], None
             if item is None:
                 return
-            await self._send(item.name, item.arg)
+            await self._send(item.name, item.arg, item.sender)
 
-    async def _send(self, name: str, arg: object | None) -> None:
+    async def _send(self, name: str, arg: object | None, sender: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         # The end must arrive: the workflow waits for it.
         give_up_at = loop.time() + ENDED_DELIVERY_S if name == "ended" else None
@@ -269,6 +272,8 @@ class TemporalCallLifecycle:
             try:
                 if arg is None:
                     await self._handle.signal(name)
+                elif sender is not None:
+                    await self._handle.signal(name, args=[arg, sender])
                 else:
                     await self._handle.signal(name, arg)
                 return

@@ -23,3 +23,13 @@ def activities_run(history: WorkflowHistory, *, local: bool | None = None) -> li
                 data = json.loads(marker.details["data"].payloads[0].data)
                 names.append(str(data["activity_type"]))
     return names
+
+
+def signals_received(history: WorkflowHistory, name: str) -> int:
+    """How many ``name`` signals the workflow has received."""
+    return sum(
+        1
+        for event in history.events
+        if event.HasField("workflow_execution_signaled_event_attributes")
+        and event.workflow_execution_signaled_event_attributes.signal_name == name
+    )

@@ -337,6 +337,53 @@ async def test_a_call_whose_realtime_process_is_gone_and_never_comes_back_ends_l
     assert moves == MAX_MOVES
 
 
+async def test_the_end_reported_by_a_process_the_call_moved_away_from_is_ignored(
+    time_skipping_env: WorkflowEnvironment, db_settings: Settings
+) -> None:
+    """Split brain: the process serving the call was cut off (not dead), the call was
+    moved, then that process's session reports its stream's end. The call goes on; the
+    carrier's word (no process named) still ends it."""
+    client = time_skipping_env.client
+    start = _make_call(db_settings, "web")
+    engine = create_async_db_engine(db_settings)
+    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
+    calls = CallActivities(engine)
+    cut_off = f"cut-off-{uuid.uuid4().hex[:6]}"
+    try:
+        async with build_worker(
+            client, task_queue, calls, moves=CallMoveActivities(calls.sessions, None)
+        ):
+            handle = await client.start_workflow(
+                "CallWorkflow", start, id=start.call_id, task_queue=task_queue
+            )
+            await handle.signal("answered", SessionStarted(cut_off))
+            async with asyncio.timeout(30):
+                while not await _move_completed(handle):
+                    await asyncio.sleep(0.05)
+            await handle.signal("ended", args=[EndedReason.AGENT_HANGUP, cut_off])
+            await handle.signal("ended", EndedReason.CALLER_HANGUP)
+            async with asyncio.timeout(60):
+                result = await handle.result()
+    finally:
+        await engine.dispose()
+    assert result["ended_reason"] == EndedReason.CALLER_HANGUP
+
+
+async def _move_completed(handle: WorkflowHandle[object, object]) -> bool:
+    history = await handle.fetch_history()
+    scheduled = {
+        e.event_id
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "move_call"
+    }
+    return any(
+        e.HasField("activity_task_completed_event_attributes")
+        and e.activity_task_completed_event_attributes.scheduled_event_id in scheduled
+        for e in history.events
+    )
+
+
 def test_the_resume_twiml_streams_the_call_back_with_resume() -> None:
     twiml = stream_twiml(
         "wss://rt.example.test/", "call_1", public_url="https://api.example.test/", resume=True

@@ -1,8 +1,9 @@
 """The realtime process serving a live call is lost mid-call - killed (kill -9), or frozen
-with its sockets open. Killed: Twilio sees the stream close and asks the API (the stream's
+with its sockets open (and thawed after the move). Killed: Twilio sees the stream close and asks the API (the stream's
 ``<Connect action>``), which streams the call to a healthy worker at once. Frozen: the
 CallWorkflow misses the process's heartbeats within seconds and moves the call (a Twilio
-REST call update with new stream TwiML, to the emulator). Either way the phone follows the
+REST call update with new stream TwiML, to the emulator); the thawed process's session
+then reports its stream's end, which the call, live elsewhere, ignores. Either way the phone follows the
 TwiML like Twilio would, to another realtime server, and the call goes on there with its
 history - the model's next request holds the earlier turns - and ends normally. Each
 process recorded its part of the call (its own segment); the recording the API serves
@@ -25,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from e2e import TWILIO_TOKEN, Stack, free_port, running_stack
+from histories import signals_received
 from pydantic import SecretStr
 from sqlmodel import Session, col, select
 from test_tools_crash import WorkerProcess
@@ -134,7 +136,9 @@ async def test_a_realtime_worker_lost_mid_call_and_the_call_goes_on(
     graceful shutdown (SIGTERM, a deploy): the process hands its calls over rather than
     ending them, and exits cleanly. ``frozen``: the process stops
     (SIGSTOP) with its sockets open, so Twilio notices nothing; the CallWorkflow misses
-    the process's beats and moves the call with a REST call update (to a second process).
+    the process's beats and moves the call with a REST call update (to a second process);
+    then it wakes up - cut off for a while, not dead - and its session reports the end of
+    its stream (Twilio closed it for the move): the call goes on regardless.
     """
     first = RealtimeProcess(stack)
     second = RealtimeProcess(stack) if failure == "frozen" else None
@@ -200,8 +204,14 @@ async def test_a_realtime_worker_lost_mid_call_and_the_call_goes_on(
                             await asyncio.sleep(0.02)
                     follow = read_twiml(rest.updates(call_sid)[-1]["Twiml"])
                     await phone.move_on()  # Twilio runs the new TwiML
-                    first.process.kill()
-                    await first.process.wait()
+                    # The process comes back (it was cut off, not dead): its session
+                    # finds its stream closed and reports an end - which must not end
+                    # the call that goes on elsewhere.
+                    os.kill(first.process.pid, signal.SIGCONT)
+                    handle = stack.temporal.get_workflow_handle(call_id)
+                    async with asyncio.timeout(15):
+                        while not signals_received(await handle.fetch_history(), "ended"):
+                            await asyncio.sleep(0.1)
                 moved_after = loop.time() - lost_at
             print(f"{failure} -> call streamed to a healthy worker: {moved_after:.2f} s")
             assert moved_after < (6.0 if failure == "frozen" else 3.0)

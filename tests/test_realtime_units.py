@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import wave
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from builder_engine.agent_config import TurnConfig
+from realtime.collector import CallGarbageCollector
 from realtime.playout import Playout, cut_at_fraction
 from realtime.recorder import StereoRecorder
 from realtime.state import CallPhase, CallStateMachine, InvalidTransition
@@ -305,3 +307,21 @@ def test_outbound_messages_are_valid_json() -> None:
     assert media == {"event": "media", "streamSid": 'MZ"x', "media": {"payload": "AAE="}}
     assert json.loads(tp.clear_message("MZ1")) == {"event": "clear", "streamSid": "MZ1"}
     assert json.loads(tp.mark_message("MZ1", "seg-1"))["mark"] == {"name": "seg-1"}
+
+
+def test_the_garbage_collector_runs_a_full_pass_only_after_calls_ended() -> None:
+    ended = [0]
+    collector = CallGarbageCollector(lambda: ended[0])
+    gc.disable()  # the cycle below must wait for the collector's own pass
+    try:
+        cycle: list[object] = []
+        cycle.append(cycle)
+        del cycle
+        assert not collector.collect_if_calls_ended()  # no call has ended
+        ended[0] += 2
+        assert collector.collect_if_calls_ended()
+        assert collector.freed >= 1 and collector.passes == 1
+        assert not collector.collect_if_calls_ended()  # nothing ended since
+    finally:
+        gc.enable()
+    assert collector.snapshot()["full_gc_passes"] == 1

@@ -278,7 +278,19 @@ class CallWorkflow:
         return ResumeState(self._call_id(), self._answered, list(self._history))
 
     @workflow.signal
-    def ended(self, reason: str) -> None:
+    def ended(self, reason: str, instance_id: str | None = None) -> None:
+        """``instance_id``: the realtime process whose session ended (None: the carrier
+        or the API, which speak for the call itself)."""
+        if instance_id is not None and self._liveness.moved_on_from(instance_id):
+            # A session the call was moved away from (its process was cut off, not dead)
+            # saw its stream close when the carrier followed the move. The call goes on.
+            workflow.logger.warning(
+                "call %s: the end (%s) from realtime process %s ignored: the call moved on",
+                self._call_id(),
+                reason,
+                instance_id,
+            )
+            return
         if self._ended_reason is None:
             # After a transfer or a supervisor's hang-up, the stream's end is not the caller's.
             self._ended_reason = self._control.ended_reason(reason)

@@ -117,6 +117,12 @@ class Liveness:
             self.registered = False
         self.lost = False
 
+    def moved_on_from(self, instance_id: str) -> bool:
+        """Has the call been moved away from that process (to another, or on its way)?"""
+        if instance_id == self.instance:
+            return False
+        return self.instance is not None or self.moved_at is not None
+
     def session_lost(self, instance_id: str) -> None:
         if instance_id == self.instance:
             self.lost = True
