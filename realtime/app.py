@@ -41,8 +41,15 @@ class RealtimeContext:
     collector: CallGarbageCollector
 
 
-def create_app(settings: Settings, *, providers: ProviderFactory | None = None) -> FastAPI:
-    """Build the realtime server's app. ``providers`` replaces the registry (benchmarks)."""
+def create_app(
+    settings: Settings,
+    *,
+    providers: ProviderFactory | None = None,
+    collect_garbage: bool = False,
+) -> FastAPI:
+    """Build the realtime server's app. ``providers`` replaces the registry (benchmarks).
+    ``collect_garbage``: the process is the realtime server's own, its garbage collector
+    tuned for it (workers/cli.py): run its full passes (realtime/collector.py)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,10 +77,11 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
             resume_state=resume_state,
         )
         loader = CallLoader(session_factory(engine))
-        watcher = asyncio.create_task(factory.stats.watch_loop(), name="loop-lag")
         stats = factory.stats
         collector = CallGarbageCollector(lambda: stats.calls_ended)
-        collecting = asyncio.create_task(collector.run(), name="garbage-collector")
+        background = [asyncio.create_task(factory.stats.watch_loop(), name="loop-lag")]
+        if collect_garbage:
+            background.append(asyncio.create_task(collector.run(), name="garbage-collector"))
         app.state.context = RealtimeContext(
             twilio=TwilioMediaHandler(loader, factory, signature=_stream_signature(settings)),
             web=WebMediaHandler(loader, factory),
@@ -84,8 +92,8 @@ def create_app(settings: Settings, *, providers: ProviderFactory | None = None) 
         try:
             yield
         finally:
-            watcher.cancel()
-            collecting.cancel()
+            for task in background:
+                task.cancel()
             await instance.aclose()
             await resources.aclose()
             await engine.dispose()

@@ -233,6 +233,9 @@ class TemporalCallLifecycle:
                 await asyncio.gather(self._task, return_exceptions=True)
         if self._closing_check is not None:
             await asyncio.gather(self._closing_check, return_exceptions=True)
+        # The session is done: let go of its method (a cycle through the session
+        # otherwise, freed only by a full GC pass - see realtime/collector.py).
+        self._on_closed = None
 
     async def _deliver(self) -> None:
         loop = asyncio.get_running_loop()

@@ -174,6 +174,9 @@ class Playout:
         """The call has ended: wake whoever waits for audio to be played."""
         self._closed = True
         self._idle.set()
+        # The callback is the session's method: holding it past the call would keep the
+        # session and everything it holds in a cycle, waiting for a full GC pass.
+        self._on_first_frame = None
 
     async def interrupt(self) -> str:
         """Barge-in: drop what is queued, tell the far end to drop its buffer, and

@@ -1,13 +1,13 @@
 """The realtime process serving a live call is lost mid-call - killed (kill -9), or frozen
-with its sockets open (and thawed after the move). Killed: Twilio sees the stream close and asks the API (the stream's
-``<Connect action>``), which streams the call to a healthy worker at once. Frozen: the
-CallWorkflow misses the process's heartbeats within seconds and moves the call (a Twilio
-REST call update with new stream TwiML, to the emulator); the thawed process's session
-then reports its stream's end, which the call, live elsewhere, ignores. Either way the phone follows the
-TwiML like Twilio would, to another realtime server, and the call goes on there with its
-history - the model's next request holds the earlier turns - and ends normally. Each
-process recorded its part of the call (its own segment); the recording the API serves
-holds both, one after the other."""
+with its sockets open (and thawed after the move). Killed: Twilio sees the stream close
+and asks the API (the stream's ``<Connect action>``), which streams the call to a healthy
+worker at once. Frozen: the CallWorkflow misses the process's heartbeats within seconds
+and moves the call (a Twilio REST call update with new stream TwiML, to the emulator);
+the thawed process's session then reports its stream's end, which the call, live
+elsewhere, ignores. Either way the phone follows the TwiML like Twilio would, to another
+realtime server, and the call goes on there with its history - the model's next request
+holds the earlier turns - and ends normally. Each process recorded its part of the call
+(its own segment); the recording the API serves holds both, one after the other."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import logging
 import secrets
@@ -36,7 +37,7 @@ from emulators.twilio_phone import TwilioPhone, stream_headers
 from realtime.app import create_app as create_realtime
 from realtime.calls import ProviderFactory
 from realtime.resume import RESUME_LINE
-from realtime.session import APOLOGY
+from realtime.session import APOLOGY, CallSession
 from realtime.transports.twilio import TwilioMediaHandler
 
 pytestmark = pytest.mark.slow
@@ -359,6 +360,27 @@ async def test_a_newer_stream_for_a_live_call_takes_the_call_over(harness: Harne
         ("agent", HOURS),
     ]
     assert [t["index"] for t in call["turns"]] == list(range(6))
+
+
+async def test_an_ended_call_is_freed_without_waiting_for_the_cycle_collector(
+    harness: Harness,
+) -> None:
+    """The realtime process runs the cyclic collector rarely (workers/cli.py): a call's
+    session - its audio buffers, recording, conversation - must be freed by reference
+    counting the moment the call ends, not left in a reference cycle until a full pass."""
+    gc.collect()
+    gc.disable()
+    try:
+        call_sid, url, call_id = await harness.call()
+        async with harness.stack.phone(url, call_id, call_sid) as phone:
+            await greeted(phone)
+            await ask(phone)
+        await harness.ended_call(call_id)
+        await asyncio.sleep(0.5)  # the session's last deliveries
+        left = [o for o in gc.get_objects() if type(o) is CallSession]
+        assert [o.setup.call_id for o in left] == []
+    finally:
+        gc.enable()
 
 
 async def test_a_stream_that_never_starts_is_closed(harness: Harness) -> None:

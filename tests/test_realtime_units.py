@@ -310,6 +310,7 @@ def test_outbound_messages_are_valid_json() -> None:
 
 
 def test_the_garbage_collector_runs_a_full_pass_only_after_calls_ended() -> None:
+    assert gc.get_freeze_count() == 0  # nothing in the test process is frozen
     ended = [0]
     collector = CallGarbageCollector(lambda: ended[0])
     gc.disable()  # the cycle below must wait for the collector's own pass
@@ -321,7 +322,9 @@ def test_the_garbage_collector_runs_a_full_pass_only_after_calls_ended() -> None
         ended[0] += 2
         assert collector.collect_if_calls_ended()
         assert collector.freed >= 1 and collector.passes == 1
+        assert gc.get_freeze_count() > 0  # the first pass froze what it left
         assert not collector.collect_if_calls_ended()  # nothing ended since
     finally:
+        gc.unfreeze()
         gc.enable()
     assert collector.snapshot()["full_gc_passes"] == 1

@@ -169,7 +169,9 @@ def serve_realtime() -> None:
     from realtime.app import create_app
 
     settings = load_settings()
-    _serve(create_app(settings), settings.realtime_port, settings, realtime=True)
+    _serve(
+        create_app(settings, collect_garbage=True), settings.realtime_port, settings, realtime=True
+    )
 
 
 @app.command()
