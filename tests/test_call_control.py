@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from e2e import Stack, running_stack
+from e2e import TWILIO_TOKEN, Stack, running_stack
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -112,7 +112,10 @@ class Harness:
         call_sid, url, call_id = await self.stack.incoming_call(number)
         # One call at a time in this module: the recognizer's script is this call's.
         self.stack.deepgram.script = list(asr_script)
-        return Phone(url, parameters={"call_id": call_id}, call_sid=call_sid), call_id
+        phone = Phone(
+            url, parameters={"call_id": call_id}, call_sid=call_sid, auth_token=TWILIO_TOKEN
+        )
+        return phone, call_id
 
     async def ended_call(self, call_id: str) -> dict[str, Any]:
         handle = self.stack.temporal.get_workflow_handle(call_id)

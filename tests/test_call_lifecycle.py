@@ -47,6 +47,7 @@ class LifecycleProbe:
         self._closed: str | None = None
         self._renew = False
         self._batches: list[list[str]] = []
+        self._ended_by: str | None = None
 
     @workflow.run
     async def run(self, runs: int) -> CallState:
@@ -64,8 +65,13 @@ class LifecycleProbe:
         self._batches.append([t.text for t in turns])
 
     @workflow.signal
-    def ended(self, reason: str) -> None:
+    def ended(self, reason: str, instance_id: str | None = None) -> None:
         self._closed = self._closed or reason
+        self._ended_by = instance_id
+
+    @workflow.query
+    def ended_by(self) -> str | None:
+        return self._ended_by
 
     @workflow.signal
     def close(self, reason: str) -> None:
@@ -208,9 +214,12 @@ async def test_the_session_that_ended_itself_is_not_told(temporal: Temporal) -> 
     await beats_arrive(temporal, call)
     lifecycle.ended(EndedReason.CALLER_HANGUP)
     await lifecycle.aclose()
-    result = await temporal.client.get_workflow_handle(call, result_type=CallState).result()
+    handle = temporal.client.get_workflow_handle(call, result_type=CallState)
+    result = await handle.result()
     assert result.ended_reason == EndedReason.CALLER_HANGUP
     assert told.reasons == [] and lifecycle.workflow_closed is None
+    # The end names the process whose session ended (a moved call ignores a stale one).
+    assert await handle.query("ended_by") == temporal.instance.instance_id
 
 
 async def test_continue_as_new_and_a_workflow_not_started_yet_are_no_end(

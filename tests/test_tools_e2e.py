@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from e2e import Stack, running_stack
+from e2e import TWILIO_TOKEN, Stack, running_stack
 from sqlmodel import Session, col, select
 from tools_support import ToolReceiver, set_allowlist
 
@@ -123,7 +123,13 @@ class Harness:
         number = await self.stack.add_number(agent["id"])
         call_sid, url, call_id = await self.stack.incoming_call(number)
         self.stack.deepgram.script = list(asr_script)
-        return Phone(call_id, url, parameters={"call_id": call_id}, call_sid=call_sid)
+        return Phone(
+            call_id,
+            url,
+            parameters={"call_id": call_id},
+            call_sid=call_sid,
+            auth_token=TWILIO_TOKEN,
+        )
 
     def rows(self, call_id: str) -> tuple[list[CallTurn], list[ToolExecution], list[CallEvent]]:
         engine = create_sync_engine(self.stack.settings)
