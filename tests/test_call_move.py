@@ -184,7 +184,7 @@ async def test_a_realtime_worker_lost_mid_call_and_the_call_goes_on(
                 assert answered
 
                 assert first.process is not None
-                lost_at = loop.time()
+                lost_at = first_ended = loop.time()
                 if failure in ("killed", "stopped"):
                     # The process goes with the call live; its socket closes, and Twilio
                     # goes to the stream's action URL.
@@ -212,6 +212,8 @@ async def test_a_realtime_worker_lost_mid_call_and_the_call_goes_on(
                     async with asyncio.timeout(15):
                         while not signals_received(await handle.fetch_history(), "ended"):
                             await asyncio.sleep(0.1)
+                    # Its recording segment ran on through the freeze to this end.
+                    first_ended = loop.time()
                 moved_after = loop.time() - lost_at
             print(f"{failure} -> call streamed to a healthy worker: {moved_after:.2f} s")
             assert moved_after < (6.0 if failure == "frozen" else 3.0)
@@ -291,7 +293,7 @@ async def test_a_realtime_worker_lost_mid_call_and_the_call_goes_on(
 
     # The recording: the first process's segment (up to its last flush before the kill,
     # at most a second lost) and then the second's, joined into one.
-    first_s = lost_at - first_connected
+    first_s = first_ended - first_connected
     recording = post_call_result.recording
     assert recording.status == "stored" and recording.duration_s is not None
     print(f"recording {recording.duration_s:.2f} s; sessions {first_s:.2f} s + {second_s:.2f} s")
