@@ -78,7 +78,7 @@ def create_app(
         )
         loader = CallLoader(session_factory(engine))
         stats = factory.stats
-        collector = CallGarbageCollector(lambda: stats.calls_ended)
+        collector = CallGarbageCollector(lambda: stats.calls_started - stats.active_calls)
         background = [asyncio.create_task(factory.stats.watch_loop(), name="loop-lag")]
         if collect_garbage:
             background.append(asyncio.create_task(collector.run(), name="garbage-collector"))

@@ -111,8 +111,7 @@ CLOSED_CHECK_TIMEOUT_S = 5.0
 @dataclass(frozen=True)
 class _Signal:
     name: str
-    arg: object | None = None
-    sender: str | None = None  # ``ended``: the realtime instance whose session ended
+    args: tuple[object, ...] = ()
 
 
 class TemporalCallLifecycle:
@@ -146,17 +145,17 @@ class TemporalCallLifecycle:
         # From now on the workflow watches this process's beats for the call, and this
         # session hears the commands its workflow sends.
         instance.register(self._handle.id, self._on_command)
-        self._queue.put_nowait(_Signal("answered", SessionStarted(instance.instance_id)))
+        self._queue.put_nowait(_Signal("answered", (SessionStarted(instance.instance_id),)))
 
     def commit_turn(self, turn: CommittedTurn) -> None:
-        self._queue.put_nowait(_Signal("turns_committed", turn))
+        self._queue.put_nowait(_Signal("turns_committed", (turn,)))
 
     def ended(self, reason: str) -> None:
         self._session_ended = True
         self._leave_instance()
         # Which process says so: a call moved away from this one ignores its end.
         instance = self._instance.instance_id if self._instance is not None else None
-        self._queue.put_nowait(_Signal("ended", reason, instance))
+        self._queue.put_nowait(_Signal("ended", (reason, instance)))
 
     def handed_over(self) -> None:
         self._session_ended = True
@@ -250,8 +249,9 @@ class TemporalCallLifecycle:
                 turns, due = [], None
                 continue
             if item is not None and item.name == "turns_committed":
-                turns.append(item.arg)
-                if isinstance(item.arg, CommittedTurn) and item.arg.speaker == "agent":
+                [turn] = item.args
+                turns.append(turn)
+                if isinstance(turn, CommittedTurn) and turn.speaker == "agent":
                     await self._send("turns_committed", turns)  # an exchange is complete
                     turns, due = [], None
                 elif due is None:
@@ -262,9 +262,9 @@ class TemporalCallLifecycle:
                 turns, due = [], None
             if item is None:
                 return
-            await self._send(item.name, item.arg, item.sender)
+            await self._send(item.name, *item.args)
 
-    async def _send(self, name: str, arg: object | None, sender: str | None = None) -> None:
+    async def _send(self, name: str, *args: object) -> None:
         loop = asyncio.get_running_loop()
         # The end must arrive: the workflow waits for it.
         give_up_at = loop.time() + ENDED_DELIVERY_S if name == "ended" else None
@@ -273,12 +273,7 @@ class TemporalCallLifecycle:
             if self.workflow_closed is not None:
                 return  # nobody listens any more
             try:
-                if arg is None:
-                    await self._handle.signal(name)
-                elif sender is not None:
-                    await self._handle.signal(name, args=[arg, sender])
-                else:
-                    await self._handle.signal(name, arg)
+                await self._handle.signal(name, args=list(args))
                 return
             except RPCError as exc:
                 if exc.status == RPCStatusCode.NOT_FOUND and await self._check_closed():

@@ -59,7 +59,6 @@ class RealtimeStats:
     bargein: FrameTimes = field(default_factory=lambda: FrameTimes(capacity=10_000))
     active_calls: int = 0
     calls_started: int = 0
-    calls_ended: int = 0
     #: Outbound frames sent late (beyond their frame's duration after the one before).
     max_outbound_late_ms: float = 0.0
     outbound_late_over_40ms: int = 0
@@ -95,7 +94,6 @@ class RealtimeStats:
 
     def call_ended(self, max_late_ms: float, late_over_40ms: int) -> None:
         self.active_calls -= 1
-        self.calls_ended += 1
         self.max_outbound_late_ms = max(self.max_outbound_late_ms, max_late_ms)
         self.outbound_late_over_40ms += late_over_40ms
 
