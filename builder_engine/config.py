@@ -118,7 +118,11 @@ class Settings(BaseSettings):
     twilio_account_sid: str | None = Field(default=None, description="Twilio account SID.")
     twilio_auth_token: SecretStr | None = Field(
         default=None,
-        description="Twilio auth token: validates X-Twilio-Signature and calls Twilio's REST API.",
+        description=(
+            "Twilio auth token: validates X-Twilio-Signature (the API's Twilio webhooks and "
+            "the realtime server's `/media/twilio` handshake; set it on both) and calls "
+            "Twilio's REST API."
+        ),
     )
     twilio_api_base_url: str | None = Field(
         default=None,
