@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_SLOTS_PER_DAY = 24
 DEFAULT_HOLD_S = 10.0
-HEARTBEAT_EVERY_S = 0.5
 SQLITE_LOCK_RETRIES = 5
 
 T = TypeVar("T")
@@ -271,7 +270,7 @@ class ToolActivities:
         if stored is not None:
             return stored
         try:
-            outcome = await self._heartbeating(self._post(task))
+            outcome = await self._post(task)
         except _Transient as exc:
             if _attempt() < task.attempts:
                 raise ApplicationError(str(exc), type="ToolUnavailable") from None
@@ -280,22 +279,6 @@ class ToolActivities:
                 f"{exc} Tell the caller you could not complete this right now.",
             )
         return await self._finish(task, outcome)
-
-    async def _heartbeating(self, work: Awaitable[T]) -> T:
-        """Heartbeat while ``work`` runs, so a dead worker is noticed in seconds."""
-        future = asyncio.ensure_future(work)
-        if not activity.in_activity():
-            return await future
-        try:
-            while True:
-                done, _ = await asyncio.wait({future}, timeout=HEARTBEAT_EVERY_S)
-                if done:
-                    return future.result()
-                activity.heartbeat()
-        finally:
-            if not future.done():
-                future.cancel()
-                await asyncio.gather(future, return_exceptions=True)
 
     async def _webhook_target(self, task: ToolTask) -> tuple[str, str, outbound.Allowlist]:
         async with self._sessions() as session:

@@ -14,7 +14,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from builder_engine.calls import CallStatus, EndedReason
 from builder_engine.db.models import Agent, Call, PhoneNumber
 from builder_engine.timeutil import utcnow
-from workflows.call import AGENT_ID, DIRECTION, STATUS
+from workflows.call import AGENT_ID, CALL_TASK_TIMEOUT, DIRECTION, STATUS
 from workflows.types import CallStart
 
 
@@ -109,6 +109,7 @@ async def create_call(
             ),
             id=call.id,
             task_queue=task_queue,
+            task_timeout=CALL_TASK_TIMEOUT,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             # Set at start, not only when a worker first runs the workflow: a call must
             # be findable in the Temporal UI even while every worker is busy or down.

@@ -55,6 +55,7 @@ from builder_engine.temporal_setup import ensure_search_attributes
 from realtime.lifecycle import TemporalCallLifecycle
 from workers.supervisor import TEMPORAL_SERVER_TUNING
 from workers.temporal_worker import build_worker
+from workflows.call import CALL_TASK_TIMEOUT
 from workflows.tools import ToolBatch, ToolInvocation, ToolTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +237,7 @@ async def run(
                         start,
                         id=start.call_id,
                         task_queue=settings.temporal_task_queue,
+                        task_timeout=CALL_TASK_TIMEOUT,
                     )
                     lifecycle = TemporalCallLifecycle(env.client, start.call_id)
                     name = str(spec["name"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from temporalio.client import WorkflowHistory
 
@@ -23,6 +24,21 @@ def activities_run(history: WorkflowHistory, *, local: bool | None = None) -> li
                 data = json.loads(marker.details["data"].payloads[0].data)
                 names.append(str(data["activity_type"]))
     return names
+
+
+def local_activities(history: WorkflowHistory) -> list[dict[str, Any]]:
+    """The markers of the local activities run, in history order: their recorded data
+    (``activity_type``, ``activity_id``, ``attempt``...) and ``summary``."""
+    found: list[dict[str, Any]] = []
+    for event in history.events:
+        marker = event.marker_recorded_event_attributes
+        if event.HasField("marker_recorded_event_attributes") and (
+            marker.marker_name == LOCAL_ACTIVITY_MARKER
+        ):
+            data = json.loads(marker.details["data"].payloads[0].data)
+            summary = event.user_metadata.summary.data
+            found.append({**data, "summary": json.loads(summary) if summary else None})
+    return found
 
 
 def signals_received(history: WorkflowHistory, name: str) -> int:

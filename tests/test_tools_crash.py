@@ -1,6 +1,7 @@
 """The Temporal worker process dies (kill -9) while a webhook tool runs mid-call. Another
-worker takes over: the tool completes exactly once - the receiver acts once for its
-Idempotency-Key - and its result reaches the conversation: the model speaks from it."""
+worker takes over when the dead worker's workflow task times out: the tool completes
+exactly once - the receiver acts once for its Idempotency-Key - and its result reaches
+the conversation: the model speaks from it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from e2e import PUBLIC_URL, Stack, running_stack
 from sqlmodel import Session, col, select
+from temporalio.api.enums.v1 import EventType
 from tools_support import ToolReceiver, set_allowlist
 
 from activities.tools import idempotency_key
@@ -181,10 +183,14 @@ async def test_a_worker_killed_mid_tool_and_the_tool_still_runs_once(stack: Stac
     assert last.speaker == "agent" and last.text.endswith('Done: {"booked":"table 7"}')
     assert last.tool_calls[0]["result"] == '{"booked":"table 7"}'
 
-    # The history tells it: the tool activity's first attempt timed out with its worker.
-    attempts = [
-        e.activity_task_started_event_attributes.attempt
+    # The history tells it: the workflow task running the tool (a local activity) timed
+    # out with its worker; the next one, on the new worker, recorded the tool once.
+    kinds = [EventType.Name(e.event_type) for e in history.events]
+    assert "EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT" in kinds
+    tools_recorded = [
+        e
         for e in history.events
-        if e.HasField("activity_task_started_event_attributes")
+        if e.HasField("marker_recorded_event_attributes")
+        and b"tool.webhook" in e.marker_recorded_event_attributes.details["data"].payloads[0].data
     ]
-    assert 2 in attempts
+    assert len(tools_recorded) == 1

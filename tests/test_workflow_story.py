@@ -24,6 +24,8 @@ import pytest
 from e2e import TWILIO_TOKEN, Stack, running_stack
 from pydantic import SecretStr
 from sqlmodel import Session, select
+from temporalio.worker import Replayer
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from tools_support import ToolReceiver, set_allowlist
 
 from builder_engine.db.engine import create_sync_engine
@@ -31,6 +33,7 @@ from builder_engine.db.models import Agent
 from conftest import installed_binary
 from emulators.openai import CallTool, Reply, ScriptRule
 from emulators.speech import caller_speech
+from workflows.call import CallWorkflow
 
 pytestmark = pytest.mark.slow
 
@@ -310,7 +313,7 @@ async def test_temporal_workflow_show_tells_the_story_of_a_call(
             "signal turns_committed",  # the greeting
             "update run_tools",
             "local activity load_call_tools (load the agent's tools)",
-            "activity tool.webhook (lookup_order (webhook))",
+            "local activity tool.webhook (lookup_order (webhook))",
             "update completed",
             "signal turns_committed",  # the question and its answer, heard
             "search attribute BuilderCallStatus=ended",
@@ -334,7 +337,7 @@ async def test_temporal_workflow_show_tells_the_story_of_a_call(
     ):
         assert step in lines[tool_done:status_ended], step
     assert lines.count("update run_tools") == 1
-    assert lines.count("activity tool.webhook (lookup_order (webhook))") == 1
+    assert lines.count("local activity tool.webhook (lookup_order (webhook))") == 1
     assert lines.count("signal ended") == 1
     # Three turns (greeting; question and answer): a signal per exchange, not per turn.
     assert lines.count("signal turns_committed") == 2
@@ -354,21 +357,30 @@ async def test_temporal_workflow_show_tells_the_story_of_a_call(
         ],
     )
 
-    # What the tool got: validated arguments, no URL, no secret.
-    (task,) = [
-        decoded(attributes(e)["input"])
+    # What the model asked for (the Update's input) and what it got (the local
+    # activity's result); no URL, no secret (below).
+    (asked,) = [
+        decoded({"payloads": attributes(e)["acceptedRequest"]["input"]["args"]["payloads"]})
         for e in events
-        if e["eventType"] == "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED"
-        and attributes(e)["activityType"]["name"] == "tool.webhook"
+        if e["eventType"] == "EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED"
     ]
-    assert task["tool_name"] == "lookup_order" and task["arguments"] == {"order": "1234"}
+    assert [(c["name"], json.loads(c["arguments"])) for c in asked["calls"]] == [
+        ("lookup_order", {"order": "1234"})
+    ]
+    (outcome,) = [
+        decoded({"payloads": attributes(e)["details"]["result"]["payloads"]})
+        for e in events
+        if e["eventType"] == "EVENT_TYPE_MARKER_RECORDED"
+        and decoded({"payloads": attributes(e)["details"]["data"]["payloads"]})["activity_type"]
+        == "tool.webhook"
+    ]
+    assert outcome["ok"] and json.loads(outcome["content"]) == {"status": "shipped"}
 
     # The plain text is a table of event types; --detailed names every step.
     for kind in (
         "WorkflowExecutionStarted",
         "WorkflowExecutionSignaled",
         "WorkflowExecutionUpdateAccepted",
-        "ActivityTaskScheduled",
         "MarkerRecorded",
         "StartChildWorkflowExecutionInitiated",
         "ChildWorkflowExecutionStarted",
@@ -380,7 +392,7 @@ async def test_temporal_workflow_show_tells_the_story_of_a_call(
         "signalName: turns_committed",
         "signalName: ended",
         "acceptedRequest.input.name: run_tools",
-        "activityType.name: tool.webhook",
+        "details.data[0].activity_type: tool.webhook",
         "userMetadata.summary: lookup_order (webhook)",
         "details.data[0].activity_type: save_call_turns",
         "details.data[0].activity_type: record_call_status",
@@ -407,3 +419,13 @@ async def test_temporal_workflow_show_tells_the_story_of_a_call(
         'AND BuilderEndedReason="caller-hangup" AND BuilderDirection="inbound"'
     )
     assert await found_by(stack, query) == [call_id]
+
+    # The worker runs the call's workflow outside the sandbox (workflows/call.py);
+    # replayed inside it, the whole call's history is deterministic and makes no call
+    # the sandbox forbids (the clock, randomness, I/O outside the workflow API).
+    history = await stack.temporal.get_workflow_handle(call_id).fetch_history()
+    replayer = Replayer(
+        workflows=[CallWorkflow], unsandboxed_workflow_runner=SandboxedWorkflowRunner()
+    )
+    replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert replayed.replay_failure is None, replayed.replay_failure

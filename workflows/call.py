@@ -59,12 +59,24 @@ ENDED_REASON = SearchAttributeKey.for_keyword("BuilderEndedReason")
 # After a supervisor's hang-up, how long the media side has to report the end.
 SUPERVISOR_GRACE = timedelta(seconds=10)
 
+# How long a workflow task of a call may run on a worker before another worker takes it
+# (Temporal's default is 10 s). Tools run as local activities inside a workflow task, so
+# this is how soon a worker that died mid-tool is replaced; a tool that runs longer keeps
+# its task alive (the SDK heartbeats it at 80 % of this), and a task that does time out
+# on a stalled worker runs again on another - nothing is lost.
+CALL_TASK_TIMEOUT = timedelta(seconds=5)
+
 DB_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=10)
 )
 
 
-@workflow.defn(name="CallWorkflow")
+# Outside the sandbox: this workflow is on the caller's path (every tool call is an
+# Update here) and the sandbox's per-activation cost is ~3 ms of each tool round trip
+# (docs/performance.md). Its code only uses the workflow API for time, randomness and
+# I/O; tests/test_workflow_story.py replays a whole call's history inside the sandbox,
+# which fails on any call the sandbox forbids.
+@workflow.defn(name="CallWorkflow", sandboxed=False)
 class CallWorkflow:
     @workflow.init
     def __init__(self, start: CallStart) -> None:
@@ -194,7 +206,10 @@ class CallWorkflow:
         if not self._may_continue_as_new():
             return
         assert self._start is not None
-        workflow.continue_as_new(dataclasses.replace(self._start, carried=self._carry()))
+        workflow.continue_as_new(
+            dataclasses.replace(self._start, carried=self._carry()),
+            task_timeout=CALL_TASK_TIMEOUT,
+        )
 
     def _carry(self) -> CallCarry:
         liveness = self._liveness

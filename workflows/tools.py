@@ -42,13 +42,11 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.types import CallStart
 
-# Kinds run as local activities; everything else as a regular activity.
-LOCAL_KINDS = frozenset(
-    {"end_call", "transfer_call", "hold", "send_dtmf", "check_availability", "book_appointment"}
-)
 MAX_BATCH = 16
 EVENT_RESULT_CHARS = 2_000  # of a tool's result in its tool.called event
-WEBHOOK_HEARTBEAT = timedelta(seconds=2)
+# A webhook bounds its HTTP exchange by the tool's timeout itself; the margin lets it
+# record the failure before Temporal gives up on the attempt.
+WEBHOOK_MARGIN = timedelta(seconds=5)
 LOAD_TIMEOUT = timedelta(seconds=10)
 RETRY_INITIAL = timedelta(milliseconds=200)
 RETRY_MAXIMUM = timedelta(seconds=2)
@@ -319,25 +317,19 @@ class ToolRunner:
                 outcome: ToolOutcome = await self._transfer(self._control, task, transfer)
             elif isinstance(transfer, str):
                 outcome = error_outcome(call, transfer, tool.kind)
-            elif tool.kind in LOCAL_KINDS:
+            else:
+                # Every tool kind is a local activity: it runs inside the workflow task
+                # that received the Update, so the result needs no second workflow task
+                # (a webhook: 17 ms added at p50 instead of 27). A worker that dies
+                # mid-tool is noticed when that task times out; the new worker runs the
+                # tool again and its idempotency key makes that exactly once.
                 outcome = await workflow.execute_local_activity(
                     activity,
                     task,
                     result_type=ToolOutcome,
-                    start_to_close_timeout=timeout,
-                    retry_policy=retry_policy(tool),
-                    activity_id=f"tool:{call.id}",
-                    summary=summary,
-                )
-            else:
-                outcome = await workflow.execute_activity(
-                    activity,
-                    task,
-                    result_type=ToolOutcome,
-                    # The activity bounds the HTTP exchange by the tool's timeout itself;
-                    # the margin lets it record the failure before Temporal gives up.
-                    start_to_close_timeout=timeout + timedelta(seconds=5),
-                    heartbeat_timeout=WEBHOOK_HEARTBEAT,
+                    start_to_close_timeout=(
+                        timeout + WEBHOOK_MARGIN if tool.kind == "webhook" else timeout
+                    ),
                     retry_policy=retry_policy(tool),
                     activity_id=f"tool:{call.id}",
                     summary=summary,
