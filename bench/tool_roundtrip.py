@@ -10,8 +10,8 @@ with ``--worker-process`` as ``builder-engine worker`` in its own) and a CallWor
 one call whose agent has the tool. Then, one after the other:
 
 * durable: the realtime side's path - ``TemporalCallLifecycle.run_tools`` (the
-  ``run_tools`` Update: argument validation in the workflow, the tool as an activity -
-  local for the built-ins, regular for webhooks - its execution row and call event);
+  ``run_tools`` Update: argument validation in the workflow, the tool as a local
+  activity inside that workflow task, its execution row);
 * direct: the same tool implementation called in process (same database work, same
   HTTP request for a webhook), no Temporal.
 
@@ -120,12 +120,20 @@ STAGES = (
     "client -> workflow task scheduled",
     "workflow task: scheduled -> started",
     "workflow task: started -> completed",
+    "  worker: task started -> tool scheduled",
+    "  worker: tool scheduled -> completed",
+    "  worker: tool completed -> task completed",
     "activity: scheduled -> completed",
     "workflow task 2: scheduled -> started",
     "workflow task 2: started -> completed",
     "update completed -> client",
     "total (client)",
 )
+
+
+def _ms(timestamp: dict[str, int]) -> float:
+    """A local activity marker's time (``{"seconds": .., "nanos": ..}``) in ms."""
+    return timestamp["seconds"] * 1000 + timestamp.get("nanos", 0) / 1e6
 
 
 def update_stages(
@@ -149,6 +157,20 @@ def update_stages(
         "workflow task: scheduled -> started": at[started] - at[scheduled],
         "workflow task: started -> completed": at[done] - at[started],
     }
+    tool_runs = [
+        json.loads(events[j].marker_recorded_event_attributes.details["data"].payloads[0].data)
+        for j in range(done, completed)  # the task's commands follow its completion
+        if events[j].event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+        and events[j].marker_recorded_event_attributes.marker_name == "core_local_activity"
+    ]
+    tool_runs = [r for r in tool_runs if str(r["activity_type"]).startswith("tool.")]
+    if tool_runs:  # ...a local activity: the marker has the worker's own times
+        run = tool_runs[0]
+        scheduled_at = _ms(run["original_schedule_time"])
+        completed_at = _ms(run["complete_time"])
+        stages["  worker: task started -> tool scheduled"] = scheduled_at - at[started]
+        stages["  worker: tool scheduled -> completed"] = completed_at - scheduled_at
+        stages["  worker: tool completed -> task completed"] = at[done] - completed_at
     activity = [
         j
         for j in range(accepted, completed)
