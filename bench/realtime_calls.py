@@ -349,6 +349,20 @@ async def wait_wrapped_up(client: Client, within: float) -> None:
     raise TimeoutError(f"{len(running)} calls still wrapping up: {names[:5]}")
 
 
+async def workflow_task_timeouts(client: Client) -> tuple[int, int]:
+    """(call workflows, workflow tasks that timed out in them): a call's workflow tasks
+    time out after 5 s (workflows/call.py), so a starved worker shows here."""
+    from temporalio.api.enums.v1 import EventType
+
+    timed_out = EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT
+    runs = [w async for w in client.list_workflows('WorkflowType = "CallWorkflow"')]
+    count = 0
+    for run in runs:
+        history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
+        count += sum(1 for event in history.events if event.event_type == timed_out)
+    return len(runs), count
+
+
 async def agent_turns(settings: Settings) -> list[CallTurn]:
     from sqlmodel import select
 
@@ -682,6 +696,8 @@ async def main(
             ended = (await client.get(f"http://127.0.0.1:{port}/stats")).json()
         stats |= {k: v for k, v in ended.items() if k.startswith("max_outbound") or "late" in k}
         turns_done = await agent_turns(settings)
+        runs, task_timeouts = await workflow_task_timeouts(env.client)
+        print(f"call workflow runs: {runs}, workflow tasks timed out: {task_timeouts}")
         print(
             report(
                 calls,
