@@ -24,7 +24,11 @@ from realtime.collector import CallGarbageCollector
 from realtime.instance import RealtimeInstance
 from realtime.lifecycle import CallLifecycle, TemporalCallLifecycle
 from realtime.media.vad import VadBatcher
-from realtime.providers.registry import ProviderRegistry, ProviderResources
+from realtime.providers.registry import (
+    ProviderRegistry,
+    ProviderResources,
+    preload_cloud_adapters,
+)
 from realtime.stats import RealtimeStats
 from realtime.transports.twilio import TwilioMediaHandler
 from realtime.transports.twilio_signature import StreamSignature
@@ -69,6 +73,7 @@ def create_app(
             state: ResumeState = await handle.query("resume_state", result_type=ResumeState)
             return state
 
+        preload_cloud_adapters()
         resources = ProviderResources(settings)
         factory = SessionFactory(
             providers or ProviderRegistry(resources),
