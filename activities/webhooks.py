@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -137,6 +138,15 @@ class WebhookActivities:
                     created_at=event.occurred_at,
                 )
             )
+            try:
+                await session.flush()
+            except sa.exc.IntegrityError:
+                # An earlier attempt of this activity (one its timeout gave up on) wrote the
+                # same event between this attempt's read and its write: that one stands.
+                await session.rollback()
+                if await session.get(CallEvent, event.event_id) is None:
+                    raise
+                return await self._recorded(session, event.event_id)
             endpoints = await self._targets(session, call, event.event_type)
             if endpoints:
                 body = await self._body(session, call, event)
