@@ -349,18 +349,44 @@ async def wait_wrapped_up(client: Client, within: float) -> None:
     raise TimeoutError(f"{len(running)} calls still wrapping up: {names[:5]}")
 
 
-async def workflow_task_timeouts(client: Client) -> tuple[int, int]:
-    """(call workflows, workflow tasks that timed out in them): a call's workflow tasks
-    time out after 5 s (workflows/call.py), so a starved worker shows here."""
-    from temporalio.api.enums.v1 import EventType
+async def workflow_task_timeouts(client: Client) -> tuple[int, int, int, list[float]]:
+    """(call workflow runs, workflow tasks that ran out of time on a worker, tasks that
+    waited too long for their sticky worker). A call's workflow tasks may run for
+    ``CALL_TASK_TIMEOUT`` (workflows/call.py): a starved worker shows in the first count.
+    The second is stickiness at work: a task that waited 2 s for the worker holding the
+    workflow goes to any worker. ``BENCH_SHOW_TIMEOUTS=1`` prints each one."""
+    from temporalio.api.enums.v1 import EventType, TimeoutType
 
     timed_out = EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT
     runs = [w async for w in client.list_workflows('WorkflowType = "CallWorkflow"')]
-    count = 0
+    ran_out = waited = 0
+    durations: list[float] = []  # started -> completed, s
     for run in runs:
         history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
-        count += sum(1 for event in history.events if event.event_type == timed_out)
-    return len(runs), count
+        events = list(history.events)
+        started_at = {
+            e.event_id: e.event_time.ToMilliseconds()
+            for e in events
+            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED
+        }
+        durations += [
+            (e.event_time.ToMilliseconds() - started_at[a.started_event_id]) / 1000
+            for e in events
+            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+            and (a := e.workflow_task_completed_event_attributes).started_event_id in started_at
+        ]
+        for i, event in enumerate(events):
+            if event.event_type != timed_out:
+                continue
+            kind = event.workflow_task_timed_out_event_attributes.timeout_type
+            if kind == TimeoutType.TIMEOUT_TYPE_START_TO_CLOSE:
+                ran_out += 1
+            else:
+                waited += 1
+            if os.environ.get("BENCH_SHOW_TIMEOUTS"):
+                before = [EventType.Name(e.event_type)[11:] for e in events[max(0, i - 4) : i]]
+                print(f"  {run.id} event {event.event_id} {TimeoutType.Name(kind)} after {before}")
+    return len(runs), ran_out, waited, sorted(durations)
 
 
 async def agent_turns(settings: Settings) -> list[CallTurn]:
@@ -696,8 +722,13 @@ async def main(
             ended = (await client.get(f"http://127.0.0.1:{port}/stats")).json()
         stats |= {k: v for k, v in ended.items() if k.startswith("max_outbound") or "late" in k}
         turns_done = await agent_turns(settings)
-        runs, task_timeouts = await workflow_task_timeouts(env.client)
-        print(f"call workflow runs: {runs}, workflow tasks timed out: {task_timeouts}")
+        runs, ran_out, waited, durations = await workflow_task_timeouts(env.client)
+        print(
+            f"call workflow runs: {runs}; workflow tasks timed out on a worker: {ran_out},"
+            f" waited out their sticky worker: {waited}; completed tasks: {len(durations)},"
+            f" p99 {percentile(durations, 99):.2f} s, longest {max(durations, default=0):.2f} s,"
+            f" over 4 s: {sum(1 for d in durations if d > 4)}"
+        )
         print(
             report(
                 calls,

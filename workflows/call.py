@@ -59,12 +59,14 @@ ENDED_REASON = SearchAttributeKey.for_keyword("BuilderEndedReason")
 # After a supervisor's hang-up, how long the media side has to report the end.
 SUPERVISOR_GRACE = timedelta(seconds=10)
 
-# How long a workflow task of a call may run on a worker before another worker takes it
-# (Temporal's default is 10 s). Tools run as local activities inside a workflow task, so
-# this is how soon a worker that died mid-tool is replaced; a tool that runs longer keeps
-# its task alive (the SDK heartbeats it at 80 % of this), and a task that does time out
-# on a stalled worker runs again on another - nothing is lost.
-CALL_TASK_TIMEOUT = timedelta(seconds=5)
+# How long a workflow task of a call may run on a worker before another worker takes it.
+# Tools run as local activities inside a workflow task, so this is also how soon a worker
+# that died mid-tool is replaced (a tool that runs longer keeps its task alive: the SDK
+# heartbeats it at 80 % of this). Not shorter than Temporal's default: on a saturated
+# machine (60 churning calls on 2 cores) a fifth of the tasks of a starved worker took
+# over 4 s, the longest 8.7 s, and a task that times out is run again from the start -
+# more work for a worker that is already behind (docs/performance.md).
+CALL_TASK_TIMEOUT = timedelta(seconds=10)
 
 DB_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=10)
