@@ -117,6 +117,22 @@ async def booking_stack(tmp_path: Path, postgres_database: str) -> AsyncIterator
         yield running
 
 
+def call_rows(
+    stack: Stack, call_id: str
+) -> tuple[list[ToolExecution], list[CallTurn], list[Appointment]]:
+    """The call's tool executions, turns (in order) and appointments."""
+    engine = create_sync_engine(stack.settings)
+    with Session(engine) as session:
+        executions = session.exec(select(ToolExecution).where(ToolExecution.call_id == call_id))
+        turns = session.exec(
+            select(CallTurn).where(CallTurn.call_id == call_id).order_by(col(CallTurn.index))
+        )
+        booked = session.exec(select(Appointment).where(Appointment.call_id == call_id))
+        rows = (list(executions.all()), list(turns.all()), list(booked.all()))
+    engine.dispose()
+    return rows
+
+
 def timed_out_tasks(history: WorkflowHistory) -> int:
     timed_out = EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT
     return sum(1 for e in history.events if e.event_type == timed_out)
@@ -196,15 +212,7 @@ async def test_a_worker_killed_mid_tool_and_the_tool_still_runs_once(stack: Stac
     assert receiver.effects == {requests[0].key: 1}
 
     # One execution, finished; the model got the result; the transcript has it.
-    engine = create_sync_engine(stack.settings)
-    with Session(engine) as session:
-        executions = session.exec(
-            select(ToolExecution).where(ToolExecution.call_id == call_id)
-        ).all()
-        turns = session.exec(
-            select(CallTurn).where(CallTurn.call_id == call_id).order_by(col(CallTurn.index))
-        ).all()
-    engine.dispose()
+    executions, turns, _ = call_rows(stack, call_id)
     assert [(e.tool_call_id, e.status) for e in executions] == [(tool_call_id, "succeeded")]
     followup = stack.openai.chat_requests[-1].body["messages"]
     assert followup[-1] == {
@@ -308,16 +316,7 @@ async def test_a_worker_killed_mid_booking_and_the_slot_is_booked_once(
         await first.stop()
         await second.stop()
 
-    engine = create_sync_engine(stack.settings)
-    with Session(engine) as session:
-        booked = session.exec(select(Appointment).where(Appointment.call_id == call_id)).all()
-        executions = session.exec(
-            select(ToolExecution).where(ToolExecution.call_id == call_id)
-        ).all()
-        turns = session.exec(
-            select(CallTurn).where(CallTurn.call_id == call_id).order_by(col(CallTurn.index))
-        ).all()
-    engine.dispose()
+    executions, turns, booked = call_rows(stack, call_id)
     # One appointment, one finished execution, under the tool call's key.
     ((execution_id, status),) = [(e.tool_call_id, e.status) for e in executions]
     assert status == "succeeded"
