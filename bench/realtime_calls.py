@@ -32,9 +32,10 @@ and by the phones:
 * the phone-side view of overhead (last speech frame sent -> first answer frame
   received, minus the nominal 650 ms of window and providers).
 Also: RSS per call of the realtime process, CPU per process in the window, the wrap-up's
-cost per call, and from the call workflows' histories: workflow tasks that timed out, how
-long tasks and each kind of local activity took (``BENCH_SHOW_TIMEOUTS=1`` lists each
-timed-out task; ``BENCH_WORKER_NICE`` runs the worker at another priority). The last
+cost per call, and from the call workflows' histories: workflow tasks that timed out and
+how long tasks took (``BENCH_SHOW_TIMEOUTS=1`` lists each
+timed-out task; ``BENCH_WORKER_NICE`` runs the worker at another priority;
+``BENCH_DATABASE_URL`` puts the platform's database elsewhere, e.g. PostgreSQL). The last
 line printed is ``calls=N overhead_p50_ms=.. overhead_p95_ms=..
 bargein_p95_ms=.. frame_p99_ms=.. max_gap_ms=.. rss_per_call_mb=..``.
 """
@@ -352,13 +353,7 @@ async def wait_wrapped_up(client: Client, within: float) -> None:
     raise TimeoutError(f"{len(running)} calls still wrapping up: {names[:5]}")
 
 
-def _marker_ms(timestamp: dict[str, int]) -> float:
-    return timestamp["seconds"] * 1000 + timestamp.get("nanos", 0) / 1e6
-
-
-async def workflow_task_timeouts(
-    client: Client,
-) -> tuple[int, int, int, list[float], dict[str, list[float]]]:
+async def workflow_task_timeouts(client: Client) -> tuple[int, int, int, list[float]]:
     """(call workflow runs, workflow tasks that ran out of time on a worker, tasks that
     waited too long for their sticky worker). A call's workflow tasks may run for
     ``CALL_TASK_TIMEOUT`` (workflows/call.py): a starved worker shows in the first count.
@@ -370,7 +365,6 @@ async def workflow_task_timeouts(
     runs = [w async for w in client.list_workflows('WorkflowType = "CallWorkflow"')]
     ran_out = waited = 0
     durations: list[float] = []  # started -> completed, s
-    local: dict[str, list[float]] = {}  # local activity type -> scheduled -> completed, s
     for run in runs:
         history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
         events = list(history.events)
@@ -385,15 +379,6 @@ async def workflow_task_timeouts(
             if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
             and (a := e.workflow_task_completed_event_attributes).started_event_id in started_at
         ]
-        for event in events:
-            marker = event.marker_recorded_event_attributes
-            if event.HasField("marker_recorded_event_attributes") and "data" in marker.details:
-                data = json.loads(marker.details["data"].payloads[0].data)
-                if "original_schedule_time" in data and data.get("complete_time"):
-                    ran = _marker_ms(data["complete_time"]) - _marker_ms(
-                        data["original_schedule_time"]
-                    )
-                    local.setdefault(str(data["activity_type"]), []).append(ran / 1000)
         for i, event in enumerate(events):
             if event.event_type != timed_out:
                 continue
@@ -405,7 +390,7 @@ async def workflow_task_timeouts(
             if os.environ.get("BENCH_SHOW_TIMEOUTS"):
                 before = [EventType.Name(e.event_type)[11:] for e in events[max(0, i - 4) : i]]
                 print(f"  {run.id} event {event.event_id} {TimeoutType.Name(kind)} after {before}")
-    return len(runs), ran_out, waited, sorted(durations), local
+    return len(runs), ran_out, waited, sorted(durations)
 
 
 async def agent_turns(settings: Settings) -> list[CallTurn]:
@@ -650,8 +635,10 @@ async def main(
         await ensure_search_attributes(env.client, env.client.namespace)
         data = Path(tempfile.mkdtemp(prefix="bench-realtime-"))
         port = free_port()
+        database_url = os.environ.get("BENCH_DATABASE_URL")  # default: SQLite in ``data``
         settings = Settings(
             data_dir=data,
+            database_url=database_url,
             temporal_address=env.client.service_client.config.target_host,
             temporal_task_queue="bench",
             realtime_port=port,
@@ -660,6 +647,7 @@ async def main(
         upgrade(settings)
         environ = {
             **os.environ,
+            **({"BUILDER_DATABASE_URL": database_url} if database_url else {}),
             "BUILDER_DATA_DIR": str(data),
             "BUILDER_TEMPORAL_ADDRESS": settings.effective_temporal_address,
             "BUILDER_TEMPORAL_TASK_QUEUE": "bench",
@@ -745,18 +733,13 @@ async def main(
             ended = (await client.get(f"http://127.0.0.1:{port}/stats")).json()
         stats |= {k: v for k, v in ended.items() if k.startswith("max_outbound") or "late" in k}
         turns_done = await agent_turns(settings)
-        runs, ran_out, waited, durations, local = await workflow_task_timeouts(env.client)
+        runs, ran_out, waited, durations = await workflow_task_timeouts(env.client)
         print(
             f"call workflow runs: {runs}; workflow tasks timed out on a worker: {ran_out},"
             f" waited out their sticky worker: {waited}; completed tasks: {len(durations)},"
             f" p99 {percentile(durations, 99):.2f} s, longest {max(durations, default=0):.2f} s,"
             f" over 4 s: {sum(1 for d in durations if d > 4)}"
         )
-        for name, ran in sorted(local.items()):
-            print(
-                f"  local activity {name}: n={len(ran)} p50 {percentile(ran, 50) * 1000:.0f} ms"
-                f" p99 {percentile(ran, 99) * 1000:.0f} ms longest {max(ran) * 1000:.0f} ms"
-            )
         print(
             report(
                 calls,

@@ -121,8 +121,8 @@ STAGES = (
     "workflow task: scheduled -> started",
     "workflow task: started -> completed",
     "  worker: task started -> tool scheduled",
-    "  worker: tool scheduled -> completed",
-    "  worker: tool completed -> task completed",
+    "  worker: the tool's own runtime",
+    "  worker: the rest (activation 2, the answer)",
     "activity: scheduled -> completed",
     "workflow task 2: scheduled -> started",
     "workflow task 2: started -> completed",
@@ -164,13 +164,17 @@ def update_stages(
         and events[j].marker_recorded_event_attributes.marker_name == "core_local_activity"
     ]
     tool_runs = [r for r in tool_runs if str(r["activity_type"]).startswith("tool.")]
-    if tool_runs:  # ...a local activity: the marker has the worker's own times
+    if tool_runs:  # ...a local activity: its marker has the worker's own times
+        # The SDK writes `original_schedule_time` from the wall clock and `complete_time`
+        # as the workflow's time (the task's start) plus the activity's own runtime.
         run = tool_runs[0]
-        scheduled_at = _ms(run["original_schedule_time"])
-        completed_at = _ms(run["complete_time"])
-        stages["  worker: task started -> tool scheduled"] = scheduled_at - at[started]
-        stages["  worker: tool scheduled -> completed"] = completed_at - scheduled_at
-        stages["  worker: tool completed -> task completed"] = at[done] - completed_at
+        activation = _ms(run["original_schedule_time"]) - at[started]
+        runtime = _ms(run["complete_time"]) - at[started]
+        stages["  worker: task started -> tool scheduled"] = activation
+        stages["  worker: the tool's own runtime"] = runtime
+        stages["  worker: the rest (activation 2, the answer)"] = (
+            at[done] - at[started] - activation - runtime
+        )
     activity = [
         j
         for j in range(accepted, completed)
