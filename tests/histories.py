@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowHistory
 
 LOCAL_ACTIVITY_MARKER = "core_local_activity"
@@ -18,12 +19,20 @@ def activities_run(history: WorkflowHistory, *, local: bool | None = None) -> li
     for event in history.events:
         if event.HasField("activity_task_scheduled_event_attributes") and local is not True:
             names.append(event.activity_task_scheduled_event_attributes.activity_type.name)
-        elif event.HasField("marker_recorded_event_attributes") and local is not False:
-            marker = event.marker_recorded_event_attributes
-            if marker.marker_name == LOCAL_ACTIVITY_MARKER:
-                data = json.loads(marker.details["data"].payloads[0].data)
-                names.append(str(data["activity_type"]))
+        elif local is not False and (data := _local_activity(event)) is not None:
+            names.append(str(data["activity_type"]))
     return names
+
+
+def _local_activity(event: HistoryEvent) -> dict[str, Any] | None:
+    """A local activity's marker data, or None for any other event."""
+    marker = event.marker_recorded_event_attributes
+    if not event.HasField("marker_recorded_event_attributes"):
+        return None
+    if marker.marker_name != LOCAL_ACTIVITY_MARKER:
+        return None
+    data: dict[str, Any] = json.loads(marker.details["data"].payloads[0].data)
+    return data
 
 
 def local_activities(history: WorkflowHistory) -> list[dict[str, Any]]:
@@ -31,11 +40,7 @@ def local_activities(history: WorkflowHistory) -> list[dict[str, Any]]:
     (``activity_type``, ``activity_id``, ``attempt``...) and ``summary``."""
     found: list[dict[str, Any]] = []
     for event in history.events:
-        marker = event.marker_recorded_event_attributes
-        if event.HasField("marker_recorded_event_attributes") and (
-            marker.marker_name == LOCAL_ACTIVITY_MARKER
-        ):
-            data = json.loads(marker.details["data"].payloads[0].data)
+        if (data := _local_activity(event)) is not None:
             summary = event.user_metadata.summary.data
             found.append({**data, "summary": json.loads(summary) if summary else None})
     return found

@@ -4,17 +4,18 @@ The realtime session asks the call's workflow to run a batch of tool calls throu
 ``run_tools`` Update. ``ToolRunner`` (held in the workflow's state) loads the agent's
 tool definitions once per call (a local activity), validates each call's arguments
 against the tool's JSON schema - a bad call becomes an error result for the model, never
-an exception - and runs the valid ones in parallel, each as an activity named after its
+an exception - and runs the valid ones in parallel, each as a local activity named after its
 kind (``tool.webhook``, ``tool.book_appointment``, ...) with a summary naming the tool.
 
 Every call that ran becomes a ``tool.called`` call event (recorded, and sent to the
 organization's webhooks), published by the workflow's main loop with its next turn
 flush - never on the model's path.
 
-Quick built-ins run as local activities (a few ms on the worker that runs the workflow,
-no extra round trips to the server); webhooks run as regular activities with heartbeats,
-so a worker that dies mid-request is noticed within seconds and the request is sent again
-(with the same ``Idempotency-Key``) from another worker.
+Every tool runs as a local activity, inside the workflow task that accepted the Update:
+the result goes back with that task's completion, no extra round trips to the server. A
+worker that dies mid-tool is noticed when the task times out (``CALL_TASK_TIMEOUT``); the
+next worker runs the tool again, exactly once by its idempotency key (a webhook's
+``Idempotency-Key``, a booking's unique key).
 """
 
 from __future__ import annotations
