@@ -393,6 +393,56 @@ async def workflow_task_timeouts(client: Client) -> tuple[int, int, int, list[fl
     return len(runs), ran_out, waited, sorted(durations)
 
 
+#: The worker's SDK histograms worth reading after a run, and the label they split by.
+WORKER_HISTOGRAMS = {
+    "temporal_workflow_task_schedule_to_start_latency": "workflow_type",
+    "temporal_workflow_task_execution_latency": "workflow_type",
+    "temporal_local_activity_execution_latency": "activity_type",
+    "temporal_activity_schedule_to_start_latency": "activity_type",
+    "temporal_activity_execution_latency": "activity_type",
+}
+
+
+def worker_latencies(metrics: str) -> list[str]:
+    """The worker's latency histograms (Prometheus text from its SDK) as lines of
+    ``count p50 p95 max-bucket`` per workflow or activity type; quantiles are the upper
+    bounds of the buckets they fall in (ms)."""
+    buckets: dict[tuple[str, str], dict[float, float]] = {}
+    for line in metrics.splitlines():
+        name, _, rest = line.partition("_bucket{")
+        if not rest or name not in WORKER_HISTOGRAMS:
+            continue
+        labels_text, _, value = rest.rpartition("} ")
+        labels = dict(
+            (k, v.strip('"')) for k, _, v in (p.partition("=") for p in labels_text.split(","))
+        )
+        bound = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
+        key = (name, labels.get(WORKER_HISTOGRAMS[name], "?"))
+        counts = buckets.setdefault(key, {})
+        counts[bound] = counts.get(bound, 0.0) + float(value)
+    lines = []
+    for (name, kind), counts in sorted(buckets.items()):
+        bounds = sorted(counts)
+        total = counts[bounds[-1]]
+        if not total:
+            continue
+
+        def upper(
+            q: float,
+            bounds: list[float] = bounds,
+            counts: dict[float, float] = counts,
+            total: float = total,
+        ) -> float:
+            return next(b for b in bounds if counts[b] >= q * total)
+
+        short = name.removeprefix("temporal_").removesuffix("_latency")
+        lines.append(
+            f"worker {short} {kind}: n={total:.0f} p50<={upper(0.5):g} p95<={upper(0.95):g}"
+            f" p99<={upper(0.99):g} ms"
+        )
+    return lines
+
+
 async def agent_turns(settings: Settings) -> list[CallTurn]:
     from sqlmodel import select
 
@@ -656,9 +706,10 @@ async def main(
             **providers,
         }
         cli = [sys.executable, "-m", "workers.cli"]
+        metrics_port = free_port()
         worker = start_process(
             [*cli, "worker"],
-            environ,
+            {**environ, "BUILDER_WORKER_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"},
             nice=int(os.environ.get("BENCH_WORKER_NICE", BACKGROUND_NICE)),
         )
         realtime = start_process([*cli, "serve", "realtime"], environ)
@@ -740,6 +791,10 @@ async def main(
             f" p99 {percentile(durations, 99):.2f} s, longest {max(durations, default=0):.2f} s,"
             f" over 4 s: {sum(1 for d in durations if d > 4)}"
         )
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+        for line in worker_latencies(metrics):
+            print(line)
         print(
             report(
                 calls,

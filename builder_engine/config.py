@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     temporal_port: int = Field(
         default=7233, description="Port of the embedded Temporal dev server's frontend."
     )
+    worker_metrics_address: str | None = Field(
+        default=None,
+        description="host:port where the Temporal worker serves its SDK's Prometheus metrics "
+        "(`/metrics`: workflow task and activity latencies, free task slots). Unset: none.",
+    )
     host: str = Field(
         default="127.0.0.1", description="Interface the API and realtime servers bind."
     )

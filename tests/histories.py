@@ -1,4 +1,5 @@
-"""Reading a workflow's history in tests: which activities ran, regular and local."""
+"""Reading a workflow's history in tests: which activities ran, regular and local; whether
+it replays inside the SDK's sandbox."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 from typing import Any
 
 from temporalio.api.history.v1 import HistoryEvent
-from temporalio.client import WorkflowHistory
+from temporalio.client import Client, WorkflowHistory
+from temporalio.worker import Replayer
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 LOCAL_ACTIVITY_MARKER = "core_local_activity"
 
@@ -54,3 +57,14 @@ def signals_received(history: WorkflowHistory, name: str) -> int:
         if event.HasField("workflow_execution_signaled_event_attributes")
         and event.workflow_execution_signaled_event_attributes.signal_name == name
     )
+
+
+async def assert_replays_in_sandbox(client: Client, workflow_id: str, workflow: type) -> None:
+    """The workflow's history replays inside the SDK's sandbox. The worker runs the
+    per-call workflows outside it (each module says why); this keeps them honest: the
+    clock, randomness or I/O outside the workflow API fail the replay here."""
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    # Given as the runner for unsandboxed workflows, the sandbox runs them too.
+    replayer = Replayer(workflows=[workflow], unsandboxed_workflow_runner=SandboxedWorkflowRunner())
+    replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert replayed.replay_failure is None, f"{workflow_id}: {replayed.replay_failure}"

@@ -41,6 +41,7 @@ from events_harness import (
     serving,
     verify,
 )
+from histories import assert_replays_in_sandbox
 from pydantic import SecretStr
 from sqlmodel import Session, select
 from temporalio.client import WorkflowHandle
@@ -56,8 +57,8 @@ from builder_engine.db.engine import create_async_db_engine, create_sync_engine
 from builder_engine.db.models import Call, CallTurn
 from emulators.openai import OpenAIEmulator, Reply
 from emulators.speech import caller_speech
-from workflows.events import WebhookRetry
-from workflows.post_call import PostCallResult
+from workflows.events import WebhookDeliveryWorkflow, WebhookRetry, delivery_workflow_id
+from workflows.post_call import PostCallResult, PostCallWorkflow
 from workflows.types import CallStart, CommittedTurn, PostCallInput
 
 SCHEMA: dict[str, Any] = {
@@ -332,6 +333,15 @@ async def test_post_call_analyzes_stores_and_delivers(env: PostCallPlatform) -> 
     for path in ("", "/recording", "/events", "/transcript"):
         response = await platform.other.get(f"/v1/calls/{start.call_id}{path}")
         assert response.status_code == 404, path
+
+    # The worker runs these outside the sandbox (workflows/post_call.py); replayed inside
+    # it, they are deterministic and make no call it forbids.
+    await assert_replays_in_sandbox(
+        platform.temporal, f"{start.call_id}-post-call", PostCallWorkflow
+    )
+    for delivery in (d for e in events for d in e["webhook_deliveries"]):
+        delivery_id = delivery_workflow_id(start.call_id, delivery["event_type"], delivery["id"])
+        await assert_replays_in_sandbox(platform.temporal, delivery_id, WebhookDeliveryWorkflow)
 
 
 async def test_invalid_structured_data_is_recorded_not_faked(env: PostCallPlatform) -> None:

@@ -22,10 +22,9 @@ from typing import Any
 
 import pytest
 from e2e import TWILIO_TOKEN, Stack, running_stack
+from histories import assert_replays_in_sandbox
 from pydantic import SecretStr
 from sqlmodel import Session, select
-from temporalio.worker import Replayer
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from tools_support import ToolReceiver, set_allowlist
 
 from builder_engine.db.engine import create_sync_engine
@@ -423,9 +422,4 @@ async def test_temporal_workflow_show_tells_the_story_of_a_call(
     # The worker runs the call's workflow outside the sandbox (workflows/call.py);
     # replayed inside it, the whole call's history is deterministic and makes no call
     # the sandbox forbids (the clock, randomness, I/O outside the workflow API).
-    history = await stack.temporal.get_workflow_handle(call_id).fetch_history()
-    replayer = Replayer(
-        workflows=[CallWorkflow], unsandboxed_workflow_runner=SandboxedWorkflowRunner()
-    )
-    replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
-    assert replayed.replay_failure is None, replayed.replay_failure
+    await assert_replays_in_sandbox(stack.temporal, call_id, CallWorkflow)

@@ -16,7 +16,7 @@ from activities.tools import ToolActivities
 from activities.webhooks import WebhookActivities
 from builder_engine.config import Settings
 from builder_engine.db.engine import create_async_db_engine
-from builder_engine.temporal_setup import connect, ensure_search_attributes
+from builder_engine.temporal_setup import connect, ensure_search_attributes, metrics_runtime
 from workflows.call import CallWorkflow
 from workflows.events import WebhookDeliveryWorkflow
 from workflows.instances import RealtimeInstanceWorkflow
@@ -79,7 +79,10 @@ def build_worker(
 
 async def run_worker(settings: Settings) -> None:
     """Connect, register search attributes, and poll until cancelled."""
-    client = await connect(settings)
+    runtime = None
+    if settings.worker_metrics_address:
+        runtime = metrics_runtime(settings.worker_metrics_address)
+    client = await connect(settings, runtime=runtime)
     await ensure_search_attributes(client, settings.temporal_namespace)
     engine = create_async_db_engine(settings)
     calls = CallActivities(engine)

@@ -163,7 +163,9 @@ async def publish_event(
     return recorded
 
 
-@workflow.defn(name="WebhookDeliveryWorkflow")
+# Outside the sandbox for the reason PostCallWorkflow is (one run per event and endpoint);
+# tests/test_post_call.py replays a delivery's history inside it.
+@workflow.defn(name="WebhookDeliveryWorkflow", sandboxed=False)
 class WebhookDeliveryWorkflow:
     """One event to one endpoint: attempts (durable activity retries) until it is
     accepted or the retry window closes; every attempt is in the delivery log."""

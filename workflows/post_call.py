@@ -108,7 +108,11 @@ PART_ACTIVITIES = {
 }
 
 
-@workflow.defn(name="PostCallWorkflow")
+# Outside the sandbox: a new run per call, and building a sandboxed instance re-imports
+# this module - ~40 ms of worker CPU per call, a third of the worker's cost of a call's
+# wrap-up (docs/performance.md). tests/test_post_call.py replays a post-call history
+# inside the sandbox, which fails on any call the sandbox forbids.
+@workflow.defn(name="PostCallWorkflow", sandboxed=False)
 class PostCallWorkflow:
     @workflow.run
     async def run(self, job: PostCallInput) -> PostCallResult:
