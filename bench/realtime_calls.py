@@ -32,8 +32,9 @@ and by the phones:
 * the phone-side view of overhead (last speech frame sent -> first answer frame
   received, minus the nominal 650 ms of window and providers).
 Also: RSS per call of the realtime process, CPU per process in the window, the wrap-up's
-cost per call, and from the call workflows' histories: workflow tasks that timed out and
-how long tasks took (``BENCH_SHOW_TIMEOUTS=1`` lists each
+cost per call, from the call workflows' histories: workflow tasks that timed out and
+how long tasks took, and from the worker's SDK metrics: workflow task and (local)
+activity latencies per type (``BENCH_SHOW_TIMEOUTS=1`` lists each
 timed-out task; ``BENCH_WORKER_NICE`` runs the worker at another priority;
 ``BENCH_DATABASE_URL`` puts the platform's database elsewhere, e.g. PostgreSQL). The last
 line printed is ``calls=N overhead_p50_ms=.. overhead_p95_ms=..
