@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from histories import activities_run
 from sqlmodel import Session, col, select
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 
 from activities.calls import CallActivities
@@ -65,28 +66,40 @@ def _turn(index: int) -> CommittedTurn:
 BIG_BATCH = 20
 
 
-async def test_call_workflow_records_the_call_and_its_turn_batches(
-    time_skipping_env: WorkflowEnvironment, db_settings: Settings
-) -> None:
-    client: Client = time_skipping_env.client
-    start = _make_call(db_settings)
-    engine = create_async_db_engine(db_settings)
+async def _call_through_a_worker(
+    client: Client, settings: Settings, signals: list[tuple[Any, ...]]
+) -> tuple[CallStart, Any, WorkflowHistory]:
+    """A call's workflow on the platform's worker, sent ``signals`` (name, args...) in
+    order; its start, result and history once it has ended."""
+    start = _make_call(settings)
+    engine = create_async_db_engine(settings)
     task_queue = f"calls-{uuid.uuid4().hex[:6]}"
     try:
         async with build_worker(client, task_queue, CallActivities(engine)):
             handle = await client.start_workflow(
                 "CallWorkflow", start, id=start.call_id, task_queue=task_queue
             )
-            await handle.signal("answered")
-            await handle.signal("turns_committed", [_turn(0), _turn(1)])
-            many = [_turn(i) for i in range(2, 2 + BIG_BATCH)]
-            await handle.signal("turns_committed", many)
-            await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
-            await handle.signal("ended", str(EndedReason.MAX_DURATION))  # the first reason wins
-            result = await handle.result()
-            history = await handle.fetch_history()
+            for name, *args in signals:
+                await handle.signal(name, *args)
+            return start, await handle.result(), await handle.fetch_history()
     finally:
         await engine.dispose()
+
+
+async def test_call_workflow_records_the_call_and_its_turn_batches(
+    time_skipping_env: WorkflowEnvironment, db_settings: Settings
+) -> None:
+    start, result, history = await _call_through_a_worker(
+        time_skipping_env.client,
+        db_settings,
+        [
+            ("answered",),
+            ("turns_committed", [_turn(0), _turn(1)]),
+            ("turns_committed", [_turn(i) for i in range(2, 2 + BIG_BATCH)]),
+            ("ended", str(EndedReason.CALLER_HANGUP)),
+            ("ended", str(EndedReason.MAX_DURATION)),  # the first reason wins
+        ],
+    )
 
     assert result["status"] == CallStatus.ENDED
     assert result["turns_committed"] == 2 + BIG_BATCH
@@ -195,22 +208,17 @@ async def test_the_worker_serves_its_task_and_activity_latencies_as_prometheus_m
     settings = Settings(data_dir=tmp_path, temporal_address=target, _env_file=None)
     upgrade(settings)
     client = await connect(settings, runtime=metrics_runtime(address))
-    start = _make_call(settings)
-    engine = create_async_db_engine(settings)
-    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
-    try:
-        async with build_worker(client, task_queue, CallActivities(engine)):
-            handle = await client.start_workflow(
-                "CallWorkflow", start, id=start.call_id, task_queue=task_queue
-            )
-            await handle.signal("answered")
-            await handle.signal("turns_committed", [_turn(0), _turn(1)])
-            await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
-            await handle.result()
-            async with httpx.AsyncClient() as http:
-                metrics = (await http.get(f"http://{address}/metrics")).text
-    finally:
-        await engine.dispose()
+    await _call_through_a_worker(
+        client,
+        settings,
+        [
+            ("answered",),
+            ("turns_committed", [_turn(0), _turn(1)]),
+            ("ended", str(EndedReason.CALLER_HANGUP)),
+        ],
+    )
+    async with httpx.AsyncClient() as http:  # the runtime serves them, worker or not
+        metrics = (await http.get(f"http://{address}/metrics")).text
 
     buckets = [
         line
