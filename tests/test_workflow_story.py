@@ -149,6 +149,10 @@ def story(events: Sequence[dict[str, Any]]) -> list[str]:
             lines.append(f"child {attrs['workflowType']['name']} {attrs['workflowId']}{named}")
         elif kind == "CHILD_WORKFLOW_EXECUTION_STARTED":
             lines.append(f"child started {attrs['workflowType']['name']}")
+        elif kind == "SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED":
+            lines.append(f"signal out {attrs['signalName']}")
+        elif kind == "WORKFLOW_TASK_COMPLETED":
+            lines.append("task completed")
         elif kind == "WORKFLOW_EXECUTION_COMPLETED":
             lines.append("completed")
     return lines
@@ -335,6 +339,14 @@ async def test_temporal_workflow_show_tells_the_story_of_a_call(
         "signal ended",
     ):
         assert step in lines[tool_done:status_ended], step
+    # On the realtime process's watch list once answered, off it in the workflow task that
+    # records the end: the signal's answer comes back with the post-call child's start.
+    answered, ended = lines.index("signal answered"), lines.index("signal ended")
+    assert lines.count("signal out call_started") == 1
+    assert lines.index("signal out call_started") > answered
+    leaving = lines.index("signal out call_ended")
+    recorded = lines.index("local activity record_call_status", ended)
+    assert leaving > ended and "task completed" not in lines[leaving:recorded]
     assert lines.count("update run_tools") == 1
     assert lines.count("local activity tool.webhook (lookup_order (webhook))") == 1
     assert lines.count("signal ended") == 1

@@ -15,6 +15,7 @@ calls that is the difference between the Temporal side idling and taking a core.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from datetime import timedelta
@@ -144,7 +145,9 @@ class CallWorkflow:
 
         # A tool still running when the call ends finishes (and is recorded) first.
         await workflow.wait_condition(workflow.all_handlers_finished)
-        await self._liveness.unregister(start.call_id)
+        # Off its process's watch list while the end is recorded: the signal's answer and
+        # the post-call child's start come back together - a workflow task less a call.
+        unregistered = asyncio.create_task(self._liveness.unregister(start.call_id))
         # A transfer that was redirecting the caller when the stream ended has finished now.
         self._ended_reason = self._control.ended_reason(self._ended_reason)
         await self._tools.drain()
@@ -167,6 +170,7 @@ class CallWorkflow:
             parent_close_policy=workflow.ParentClosePolicy.ABANDON,
             static_summary="recording, transcript check, analysis, call.ended + call.analyzed",
         )
+        await unregistered
         return self.state()
 
     def _wake_in(self) -> timedelta | None:
