@@ -356,7 +356,8 @@ async def wait_wrapped_up(client: Client, within: float) -> None:
 
 async def workflow_task_timeouts(client: Client) -> tuple[int, int, int, list[float]]:
     """(call workflow runs, workflow tasks that ran out of time on a worker, tasks that
-    waited too long for their sticky worker). A call's workflow tasks may run for
+    waited too long for their sticky worker, how long completed tasks ran - started to
+    completed, s, sorted). A call's workflow tasks may run for
     ``CALL_TASK_TIMEOUT`` (workflows/call.py): a starved worker shows in the first count.
     The second is stickiness at work: a task that waited 2 s for the worker holding the
     workflow goes to any worker. ``BENCH_SHOW_TIMEOUTS=1`` prints each one."""
@@ -405,9 +406,9 @@ WORKER_HISTOGRAMS = {
 
 
 def worker_latencies(metrics: str) -> list[str]:
-    """The worker's latency histograms (Prometheus text from its SDK) as lines of
-    ``count p50 p95 max-bucket`` per workflow or activity type; quantiles are the upper
-    bounds of the buckets they fall in (ms)."""
+    """The worker's latency histograms (Prometheus text from its SDK) as one line of
+    count, p50, p95 and p99 per workflow or activity type; a quantile is the upper bound
+    of the bucket it falls in (ms)."""
     buckets: dict[tuple[str, str], dict[float, float]] = {}
     for line in metrics.splitlines():
         name, _, rest = line.partition("_bucket{")
@@ -423,23 +424,17 @@ def worker_latencies(metrics: str) -> list[str]:
         counts[bound] = counts.get(bound, 0.0) + float(value)
     lines = []
     for (name, kind), counts in sorted(buckets.items()):
-        bounds = sorted(counts)
-        total = counts[bounds[-1]]
+        cumulative = sorted(counts.items())  # (upper bound, observations at or below it)
+        total = cumulative[-1][1]
         if not total:
             continue
-
-        def upper(
-            q: float,
-            bounds: list[float] = bounds,
-            counts: dict[float, float] = counts,
-            total: float = total,
-        ) -> float:
-            return next(b for b in bounds if counts[b] >= q * total)
-
+        p50, p95, p99 = (
+            next(bound for bound, seen in cumulative if seen >= q * total)
+            for q in (0.5, 0.95, 0.99)
+        )
         short = name.removeprefix("temporal_").removesuffix("_latency")
         lines.append(
-            f"worker {short} {kind}: n={total:.0f} p50<={upper(0.5):g} p95<={upper(0.95):g}"
-            f" p99<={upper(0.99):g} ms"
+            f"worker {short} {kind}: n={total:.0f} p50<={p50:g} p95<={p95:g} p99<={p99:g} ms"
         )
     return lines
 
