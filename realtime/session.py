@@ -28,7 +28,7 @@ from realtime.lifecycle import CallLifecycle
 from realtime.media.convert import AudioConverter, decode
 from realtime.media.vad import SileroVad, VadBatcher
 from realtime.metrics import TurnMetrics
-from realtime.playout import OutboundMedia, Playout, SpokenSegment
+from realtime.playout import LEAD_MS, OutboundMedia, Playout, SpokenSegment
 from realtime.providers.base import (
     AsrProvider,
     AsrStream,
@@ -83,7 +83,8 @@ class CallSetup:
     config: AgentConfig
     media_format: AudioFormat
     variables: dict[str, VariableValue] = field(default_factory=dict)
-    lead_ms: float = 60.0
+    #: Agent audio kept buffered at the far end ahead of real time (see ``Playout``).
+    lead_ms: float = LEAD_MS
     #: Agent audio goes out in messages of this much (the transport's choice).
     frame_ms: float = 20.0
     tools: tuple[ToolDef, ...] = ()  # the agent's tools, offered to the model

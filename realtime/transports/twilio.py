@@ -33,7 +33,7 @@ MAX_BAD_FRAMES = 50
 TAKEOVER_TIMEOUT_S = 10.0
 #: Agent audio goes to Twilio in media messages of 40 ms (Twilio takes any length; it
 #: plays what it buffers). Twice the audio per message of a 20 ms frame: half the
-#: messages to build and send, here and at Twilio, at the same 60 ms lead.
+#: messages to build and send, here and at Twilio, at the same lead.
 OUTBOUND_FRAME_MS = 40.0
 #: Close codes of a stream that broke rather than hung up: protocol error, unacceptable
 #: data, invalid UTF-8, a message over the server's size limit (uvicorn's ws_max_size).
