@@ -17,9 +17,9 @@ from typing import Protocol
 
 #: Audio kept buffered at the far end. The pacer's loop can be held up by anything the
 #: process does - at 100 calls the cyclic garbage collector's middle generation alone
-#: took 65-77 ms a pass - and a hold-up longer than the lead is a gap the caller hears.
+#: took 65-111 ms a pass - and a hold-up longer than the lead is a gap the caller hears.
 #: The far end plays what it has and a `clear` drops it all, so a longer lead costs
-#: neither latency nor barge-in: 100 ms covers those passes with room to spare.
+#: neither latency nor barge-in: 100 ms covers most of those passes (60 ms covered none).
 LEAD_MS = 100.0
 
 
