@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import uvicorn
-from e2e import free_port
+from ports import free_port
 from sqlmodel import Session, select
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode

@@ -25,8 +25,9 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
-from e2e import TWILIO_TOKEN, Stack, free_port, running_stack
+from e2e import TWILIO_TOKEN, Stack, running_stack
 from histories import signals_received
+from ports import free_port
 from pydantic import SecretStr
 from sqlmodel import Session, col, select
 from test_tools_crash import WorkerProcess

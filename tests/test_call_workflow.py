@@ -198,7 +198,7 @@ async def test_the_worker_serves_its_task_and_activity_latencies_as_prometheus_m
     """``BUILDER_WORKER_METRICS_ADDRESS``: the SDK's histograms, with buckets fine enough
     to tell a millisecond write from a queued one."""
     import httpx
-    from e2e import free_port
+    from ports import free_port
 
     from builder_engine.db.migrate import upgrade
     from builder_engine.temporal_setup import connect, metrics_runtime

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ports import free_port
 from typer.testing import CliRunner
 
 from workers.cli import app, render_config_docs
@@ -22,12 +23,6 @@ SECRET_ENV = (
     "ELEVENLABS_API_KEY",
     "ELEVENLABS_BASE_URL",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def clean_env(**extra: str) -> dict[str, str]:

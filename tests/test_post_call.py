@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from e2e import free_port, running_stack
+from e2e import running_stack
 from events_harness import (
     AGENT_CONFIG,
     Platform,
@@ -42,6 +42,7 @@ from events_harness import (
     verify,
 )
 from histories import assert_replays_in_sandbox
+from ports import free_port
 from pydantic import SecretStr
 from sqlmodel import Session, select
 from temporalio.client import WorkflowHandle

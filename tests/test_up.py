@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,23 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET_ENV = ("OPENAI_API_KEY", "DEEPGRAM_API_KEY", "ELEVENLABS_API_KEY")
 SUMMARY_END = "Press Ctrl+C to stop."  # the summary's last line
 
 pytestmark = pytest.mark.slow
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def clean_env() -> dict[str, str]:
