@@ -8,6 +8,7 @@ import base64
 import gc
 import json
 import wave
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +283,32 @@ def test_twilio_parser_reads_every_event() -> None:
     assert isinstance(tp.parse_message('{"event":"stop","streamSid":"MZ1"}'), tp.Stop)
     assert isinstance(tp.parse_message('{"event":"connected","protocol":"Call"}'), tp.Connected)
     assert isinstance(tp.parse_message('{"event":"surprise"}'), tp.Unknown)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        _media("//8="),
+        _media(""),
+        _media("AAAA===="),  # b64decode takes extra padding; the fast path leaves it
+        _media("AAAA", sid=""),
+        '{"event":"media","streamSid":"MZ1","media":{"payload":"AAAA","track":"outbound",'
+        '"chunk":"7","timestamp":120},"sequenceNumber":"9"}',
+        '{"event":"media","streamSid":"MZ1","media":{"payload":"AAAA","chunk":"x","track":3}}',
+        '{"event":"media","streamSid":7,"media":{"payload":"AAAA"}}',
+        '{"event":"media","streamSid":"MZ1","media":{"payload":5}}',
+        '{"event":"media","streamSid":"MZ1","media":{"payload":"AA AA"}}',
+        '{"event":"mark","streamSid":"MZ1","mark":{"name":"seg-3"},"media":{"payload":""}}',
+    ],
+)
+def test_twilio_media_fast_path_parses_as_the_full_parser(message: str) -> None:
+    def outcome(parse: Callable[[str], tp.TwilioEvent]) -> object:
+        try:
+            return parse(message)
+        except tp.ProtocolError as exc:
+            return str(exc)
+
+    assert outcome(tp.parse_message) == outcome(tp._parse_any)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 #: Larger messages are refused before parsing (a 20 ms frame is ~400 bytes of JSON).
 MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -39,8 +41,10 @@ class Start:
     channels: int
 
 
-@dataclass(frozen=True)
-class Media:
+class Media(msgspec.Struct, frozen=True):
+    """A frame of the caller's audio (50 a second per call: a struct, cheaper to make
+    than a frozen dataclass)."""
+
     stream_sid: str
     payload: bytes
     track: str = "inbound"
@@ -75,6 +79,24 @@ class Unknown:
 TwilioEvent = Connected | Start | Media | Dtmf | Mark | Stop | Unknown
 
 
+class _MediaBody(msgspec.Struct):
+    payload: bytes  # msgspec decodes base64 as strictly as b64decode(validate=True)
+    track: Any = "inbound"
+    chunk: Any = None
+    timestamp: Any = None
+
+
+class _MediaMessage(msgspec.Struct, tag_field="event", tag="media"):
+    streamSid: str
+    media: _MediaBody
+
+
+#: Media messages are 50 a second per call: one C pass parses, checks and decodes one
+#: (~0.6 us, against ~7 us for json + base64 + the checks below). Anything it does not
+#: take goes through the full parser, which says what is wrong.
+_decode_media = msgspec.json.Decoder(_MediaMessage).decode
+
+
 def _str(obj: dict[str, Any], key: str, where: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value:
@@ -99,6 +121,26 @@ def _optional_int(value: Any) -> int | None:
 def parse_message(text: str | bytes) -> TwilioEvent:
     if len(text) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(text)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        fast = _decode_media(text)
+    except msgspec.MsgspecError:
+        pass
+    else:
+        if fast.streamSid:
+            body = fast.media
+            return Media(
+                stream_sid=fast.streamSid,
+                payload=body.payload,
+                track=str(body.track),
+                chunk=_optional_int(body.chunk),
+                timestamp_ms=_optional_int(body.timestamp),
+            )
+    return _parse_any(text)
+
+
+def _parse_any(text: str | bytes) -> TwilioEvent:
+    """Any message, checked field by field (what ``parse_message`` does without its fast
+    path for media)."""
     try:
         message = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
