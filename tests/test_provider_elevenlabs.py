@@ -17,6 +17,7 @@ from emulators.elevenlabs import ElevenLabsEmulator
 from realtime.media.mulaw import ulaw_to_pcm16
 from realtime.providers.base import MULAW_8K, PCM16_16K, AudioFormat, ProviderError
 from realtime.providers.elevenlabs_tts import DEFAULT_MODEL, DEFAULT_VOICE, ElevenLabsTts
+from realtime.providers.registry import ProviderResources
 
 KEY = "xi-test-key"
 SENTENCE = "Thanks for calling. Your table for two is booked at seven."
@@ -122,6 +123,28 @@ async def test_leaving_the_loop_early_closes_the_connection(
     # The pool is still usable afterwards.
     audio = b"".join([chunk async for chunk in tts.synthesize("Goodbye.")])
     assert len(audio) == emulator.audio_samples("Goodbye.", 8000)
+
+
+async def test_the_shared_client_streams_for_more_than_a_hundred_calls_at_once() -> None:
+    """The realtime process's one HTTP client serves every call's synthesis: the 101st
+    concurrent sentence must go out at once, not wait for a connection to come free."""
+    concurrent = 120
+    async with ElevenLabsEmulator(api_key=KEY, first_byte_latency_ms=1500, speedup=40) as emu:
+        resources = ProviderResources(Settings(_env_file=None))
+        tts = ElevenLabsTts(api_key=KEY, base_url=emu.url, http_client=resources.http)
+
+        async def speak() -> int:
+            return sum([len(chunk) async for chunk in tts.synthesize("Hello.")])
+
+        try:
+            speaking = [asyncio.create_task(speak()) for _ in range(concurrent)]
+            async with asyncio.timeout(1.2):  # every request arrives before any first byte
+                while len(emu.requests) < concurrent:
+                    await asyncio.sleep(0.01)
+            assert set(await asyncio.gather(*speaking)) == {emu.audio_samples("Hello.", 8000)}
+        finally:
+            await tts.aclose()
+            await resources.aclose()
 
 
 async def test_from_config_uses_agent_settings(emulator: ElevenLabsEmulator) -> None:

@@ -24,6 +24,7 @@ from elevenlabs.core.api_error import ApiError
 from builder_engine.agent_config import TtsConfig
 from builder_engine.config import Settings
 from realtime.providers.base import MULAW_8K, AudioFormat, ProviderError
+from realtime.providers.http import streaming_http_client
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_VOICE", "ElevenLabsTts", "elevenlabs_output_format"]
 
@@ -72,11 +73,7 @@ class ElevenLabsTts:
         samples = max(1, round(chunk_ms / 1000.0 * output.sample_rate))
         self._chunk_bytes = samples * bytes_per_sample * output.channels
         self._owns_http = http_client is None
-        # Unlimited connections: one provider serves every concurrent call of an agent,
-        # and httpx's default cap of 100 would queue the 101st sentence behind others.
-        self._http = http_client or httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-        )
+        self._http = http_client or streaming_http_client()
         kwargs: dict[str, Any] = {"base_url": base_url.rstrip("/")} if base_url else {}
         self._client = AsyncElevenLabs(
             api_key=api_key, timeout=timeout_s, httpx_client=self._http, **kwargs

@@ -18,6 +18,7 @@ import httpx
 from builder_engine.agent_config import AgentConfig
 from builder_engine.config import Settings
 from realtime.providers.base import AsrProvider, AudioFormat, LlmProvider, TtsProvider
+from realtime.providers.http import streaming_http_client
 from realtime.providers.local_models import LocalModelCache
 from realtime.providers.openai_llm import OpenAIClients
 from realtime.session import Providers
@@ -33,7 +34,7 @@ class ProviderResources:
     # One connection pool for HTTP streaming TTS: a client per call would cost ~15 ms of
     # TLS set-up on the event loop each time.
     http: httpx.AsyncClient = field(
-        default_factory=lambda: httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0))
+        default_factory=lambda: streaming_http_client(httpx.Timeout(10.0, connect=3.0))
     )
 
     async def aclose(self) -> None:
