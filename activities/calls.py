@@ -45,6 +45,14 @@ class CallActivities:
             raise ApplicationError(f"call {call_id} does not exist", non_retryable=True)
         return call
 
+    async def _check_call(self, session: AsyncSession, call_id: str, organization_id: str) -> None:
+        """``_load_call`` without loading: the call exists, in this organization."""
+        statement = sa.select(_CALLS.c.id).where(
+            _CALLS.c.id == call_id, _CALLS.c.organization_id == organization_id
+        )
+        if (await (await session.connection()).execute(statement)).first() is None:
+            raise ApplicationError(f"call {call_id} does not exist", non_retryable=True)
+
     @activity.defn(name="record_call_status")
     @finishes_when_cancelled
     async def record_call_status(self, change: CallStatusChange) -> None:
@@ -100,7 +108,7 @@ class CallActivities:
             for turn in batch.turns
         ]
         async with self._sessions() as session:
-            await self._load_call(session, batch.call_id, batch.organization_id)
+            await self._check_call(session, batch.call_id, batch.organization_id)
             dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
             insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
             statement = (

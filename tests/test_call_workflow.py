@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from histories import activities_run
 from sqlmodel import Session, col, select
 from temporalio.client import Client, WorkflowHistory
@@ -135,6 +136,34 @@ async def test_saving_a_batch_twice_stores_each_turn_once(db_settings: Settings)
     try:
         assert await activities.save_call_turns(batch) == 2
         assert await activities.save_call_turns(batch) == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_turns_for_an_unknown_call_or_another_organization_are_refused(
+    db_settings: Settings,
+) -> None:
+    from temporalio.exceptions import ApplicationError
+
+    from workflows.types import TurnBatch
+
+    start = _make_call(db_settings)
+    engine = create_async_db_engine(db_settings)
+    activities = CallActivities(engine)
+    try:
+        for call_id, organization_id in [
+            ("call_unknown", start.organization_id),
+            (start.call_id, "org_someone_else"),
+        ]:
+            with pytest.raises(ApplicationError, match="does not exist") as refused:
+                await activities.save_call_turns(TurnBatch(call_id, organization_id, [_turn(0)]))
+            assert refused.value.non_retryable
+        assert (
+            await activities.save_call_turns(
+                TurnBatch(start.call_id, start.organization_id, [_turn(0)])
+            )
+            == 1
+        )  # nothing of the refused batches was stored
     finally:
         await engine.dispose()
 
