@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import datetime
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,8 @@ from workflows.call import CallWorkflow
 
 pytestmark = pytest.mark.slow
 
+#: The name the histories of this call are recorded under (BUILDER_RECORD_HISTORIES).
+RECORDED_AS = "call-with-a-tool"
 GREETING = "Hi, this is the order desk."
 QUESTION = "Where's order 1234?"
 LOOKING = "Let me check."
@@ -288,6 +292,12 @@ async def test_temporal_workflow_show_tells_the_story_of_a_call(
     for name, text in outputs.items():
         (tmp_path / name).write_text(text)
     print(f"temporal workflow show outputs: {tmp_path}")
+    if record := os.environ.get("BUILDER_RECORD_HISTORIES"):
+        # New fixtures for tests/test_replay.py (docs/ARCHITECTURE.md, "Changing a workflow").
+        folder, day = Path(record), f"{datetime.date.today():%Y%m%d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{RECORDED_AS}-{day}.json").write_text(shown)
+        (folder / f"{RECORDED_AS}-post-call-{day}.json").write_text(post_call)
     events: list[dict[str, Any]] = json.loads(shown)["events"]
     lines = story(events)
 
