@@ -59,6 +59,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -807,16 +808,26 @@ async def main(
         )
     finally:
         assert emulators.stdin is not None
-        emulators.stdin.close()
-        emulators.wait(10)
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        emulators.stdin.close()  # its cue to stop; terminated below if it has not
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            emulators.wait(10)
+        stop_processes([emulators, *processes])
         await env.shutdown()
+
+
+def stop_processes(processes: list[subprocess.Popen[Any]], timeout_s: float = 10.0) -> None:
+    """Terminate every process still running, then kill whichever has not exited within
+    ``timeout_s``: a bench that ends, however it ends, leaves nothing running."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 if __name__ == "__main__":
