@@ -7,7 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from sqlmodel import SQLModel, select
+from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -34,19 +34,9 @@ class CallActivities:
         """The session factory (shared with the tool activities of the same worker)."""
         return self._sessions
 
-    async def _load_call(self, session: AsyncSession, call_id: str, organization_id: str) -> Call:
-        call = (
-            await session.exec(
-                select(Call).where(Call.id == call_id, Call.organization_id == organization_id)
-            )
-        ).first()
-        if call is None:
-            # Retrying cannot make a missing row appear.
-            raise ApplicationError(f"call {call_id} does not exist", non_retryable=True)
-        return call
-
     async def _check_call(self, session: AsyncSession, call_id: str, organization_id: str) -> None:
-        """``_load_call`` without loading: the call exists, in this organization."""
+        """The call exists, in this organization (retrying cannot make a missing row
+        appear); one SELECT of its id, not its whole row."""
         statement = sa.select(_CALLS.c.id).where(
             _CALLS.c.id == call_id, _CALLS.c.organization_id == organization_id
         )
