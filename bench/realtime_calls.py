@@ -269,9 +269,10 @@ def start_process(
     return subprocess.Popen(argv, env=environ, preexec_fn=(lambda: os.nice(nice)) if nice else None)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, *, thread: int | None = None) -> float:
+    """User + system CPU time a process (or one of its threads) has used."""
+    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -295,14 +296,21 @@ def rss_mb(pid: int) -> float:
 class CpuMeter:
     """CPU time of several processes (and this one) between ``start`` and ``stop``."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], *, loop_of: str | None = None) -> None:
+        """``loop_of``: also the main thread of that process (``{name} loop``): the event
+        loop's thread, which every call of the realtime process shares."""
         self.pids = pids
+        self._loop_of = loop_of
         self._before: dict[str, float] = {}
         self._at = 0.0
         self.cores: dict[str, float] = {}
 
     def _now(self) -> dict[str, float]:
-        return {"phones": time.process_time()} | {n: cpu_seconds(p) for n, p in self.pids.items()}
+        now = {"phones": time.process_time()} | {n: cpu_seconds(p) for n, p in self.pids.items()}
+        if self._loop_of is not None:
+            pid = self.pids[self._loop_of]
+            now[f"{self._loop_of} loop"] = cpu_seconds(pid, thread=pid)
+        return now
 
     def start(self) -> None:
         self._before, self._at = self._now(), time.monotonic()
@@ -633,10 +641,12 @@ def report(
     )
     print(f"realtime process /stats: {stats}")
     realtime_ms = 1000.0 * cpu["realtime"] / calls
+    loop_ms = 1000.0 * cpu.get("realtime loop", 0.0) / calls
     print(
         "cpu in the window (cores): "
         + ", ".join(f"{name} {cores:.2f}" for name, cores in cpu.items())
         + f" (this machine: {os.cpu_count()}); realtime {realtime_ms:.1f} ms per call-second"
+        + f", its event loop's thread {loop_ms:.1f}"
     )
     wrap_s, wrap_cpu = wrap_up
     print(
@@ -727,7 +737,8 @@ async def main(
                 "emulators": emulators.pid,
                 "worker": worker.pid,
                 "temporal": temporal_server_pid() or os.getpid(),
-            }
+            },
+            loop_of="realtime",
         )
         connected, finished = Phase(calls), Phase(calls)
         url = f"ws://127.0.0.1:{port}/media/twilio"

@@ -118,11 +118,16 @@ class VadBatcher:
     of each other through the model together.
 
     ONNX Runtime's fixed cost per run is most of a 32 ms window's ~70 us; one run for
-    many streams costs ~25 us per window. A request waits at most ``window_s`` (5 ms) for
+    many streams costs ~25 us per window. A request waits at most ``window_s`` (12 ms) for
     the others of that moment: each call's frames arrive on their own clock, so without
-    the short wait a run would rarely hold more than one. 5 ms is a sixth of a window
+    the short wait a run would rarely hold more than one. 12 ms is well under a window
     and small beside the 150+ ms a barge-in needs anyway. Results are identical to
     running each stream alone.
+
+    The run stays on the event loop's thread on purpose: on a busy machine a model
+    thread waits for a core before it runs and for the GIL after, and the frames of
+    every call in the batch wait with it (tried 2026-12-03: the loop's thread used 7 %
+    less CPU, the answers came later; docs/performance.md).
     """
 
     def __init__(self, model: SileroModel, *, window_s: float = BATCH_WINDOW_S) -> None:
