@@ -24,6 +24,7 @@ from realtime.collector import CallGarbageCollector
 from realtime.instance import RealtimeInstance
 from realtime.lifecycle import CallLifecycle, TemporalCallLifecycle
 from realtime.media.vad import VadBatcher
+from realtime.providers.http import CallPools
 from realtime.providers.registry import (
     ProviderRegistry,
     ProviderResources,
@@ -43,6 +44,7 @@ class RealtimeContext:
     stats: RealtimeStats
     vad: VadBatcher
     collector: CallGarbageCollector
+    pools: CallPools
 
 
 def create_app(
@@ -93,6 +95,7 @@ def create_app(
             stats=factory.stats,
             vad=factory.vad_batcher,
             collector=collector,
+            pools=resources.pools,
         )
         try:
             yield
@@ -118,13 +121,14 @@ def create_app(
 
     @app.get("/stats")
     async def stats() -> dict[str, float | int]:
-        """Calls in progress, the cost of inbound frames (decode, resample, VAD) and of
-        the full garbage collections."""
+        """Calls in progress, the cost of inbound frames (decode, resample, VAD), the full
+        garbage collections, and the providers' connection pools."""
         context: RealtimeContext = app.state.context
         return {
             **context.stats.snapshot(),
             **context.vad.snapshot(),
             **context.collector.snapshot(),
+            **context.pools.snapshot(),
         }
 
     @app.websocket("/media/twilio")

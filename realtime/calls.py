@@ -132,23 +132,28 @@ class SessionFactory:
                 self._recordings_dir / f"{call.call_id}.wav", media_format.sample_rate
             )
         vad_rate = 8000 if media_format.sample_rate == 8000 else 16000
-        session = CallSession(
-            CallSetup(
-                call.call_id,
-                call.config,
-                media_format,
-                call.variables,
-                frame_ms=frame_ms,
-                tools=call.tools,
-            ),
-            self._providers.build(call.config, media_format),
-            outbound,
-            self._lifecycle(call.call_id),
-            vad=SileroVad(vad_rate, model=self._vad_model, quiet_below_dbfs=QUIET_LINE_DBFS),
-            vad_batcher=self.vad_batcher,
-            recorder=recorder,
-            stats=self.stats,
-        )
+        providers = self._providers.build(call.config, media_format)
+        try:
+            session = CallSession(
+                CallSetup(
+                    call.call_id,
+                    call.config,
+                    media_format,
+                    call.variables,
+                    frame_ms=frame_ms,
+                    tools=call.tools,
+                ),
+                providers,
+                outbound,
+                self._lifecycle(call.call_id),
+                vad=SileroVad(vad_rate, model=self._vad_model, quiet_below_dbfs=QUIET_LINE_DBFS),
+                vad_batcher=self.vad_batcher,
+                recorder=recorder,
+                stats=self.stats,
+            )
+        except BaseException:
+            providers.release()  # the session that would have released them never ran
+            raise
         if resume:
             turns = state.turns if state is not None else []
             session.resume(rebuild(session.conversation, turns), RESUME_LINE)

@@ -95,6 +95,8 @@ class Providers:
     asr: AsrProvider
     llm: LlmProvider
     tts: TtsProvider
+    #: Called once the call has ended (its place in a shared connection pool).
+    release: Callable[[], None] = lambda: None
 
 
 def rms_dbfs(pcm: npt.NDArray[np.int16]) -> float:
@@ -321,6 +323,7 @@ class CallSession:
             except Exception as exc:
                 log.warning("call %s: closing ASR failed: %s", self.setup.call_id, exc)
         self._vad.close()
+        self.providers.release()
         if self.recorder is not None:
             self.recorder.close()
         self.state.to(CallPhase.ENDED)

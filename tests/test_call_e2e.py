@@ -9,6 +9,7 @@ import wave
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from e2e import running_stack
@@ -98,6 +99,13 @@ async def test_a_phone_call_end_to_end(tmp_path: Path) -> None:
         handle = stack.temporal.get_workflow_handle(call_id)
         result = await asyncio.wait_for(handle.result(), 15)
         assert result["status"] == "ended"
+        # Once its session has ended, the call has given back its place in the providers'
+        # connection pools.
+        stats_url = stack.realtime_url.replace("ws://", "http://", 1) + "/stats"
+        async with httpx.AsyncClient() as plain, asyncio.timeout(5):
+            while (stats := (await plain.get(stats_url)).json())["active_calls"]:
+                await asyncio.sleep(0.05)
+        assert (stats["pooled_calls"], stats["http_pools"]) == (0, 1)
 
         call = (await stack.api.get(f"/v1/calls/{call_id}")).json()
         assert call["status"] == "ended" and call["ended_reason"] == "caller-hangup"

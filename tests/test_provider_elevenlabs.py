@@ -131,7 +131,7 @@ async def test_the_shared_client_streams_for_more_than_a_hundred_calls_at_once()
     concurrent = 120
     async with ElevenLabsEmulator(api_key=KEY, first_byte_latency_ms=1500, speedup=40) as emu:
         resources = ProviderResources(Settings(_env_file=None))
-        tts = ElevenLabsTts(api_key=KEY, base_url=emu.url, http_client=resources.http)
+        tts = ElevenLabsTts(api_key=KEY, base_url=emu.url, http_client=resources.http())
 
         async def speak() -> int:
             return sum([len(chunk) async for chunk in tts.synthesize("Hello.")])

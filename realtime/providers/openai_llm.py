@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -88,15 +89,26 @@ class OpenAIClients:
     worker owns one instance and closes it at shutdown.
     """
 
-    def __init__(self, *, connect_timeout_s: float = 3.0, read_timeout_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float = 3.0,
+        read_timeout_s: float = 15.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """``tls``: the process's TLS context, shared by the clients (each would otherwise
+        load the CA certificates again: ~35 ms and ~1 MB)."""
         self._timeout = openai.Timeout(read_timeout_s, connect=connect_timeout_s)
-        self._clients: dict[tuple[str, str], AsyncOpenAI] = {}
+        self._tls = tls
+        self._clients: dict[tuple[str, str, int], AsyncOpenAI] = {}
 
-    def get(self, base_url: str, api_key: str) -> AsyncOpenAI:
-        client = self._clients.get((base_url, api_key))
+    def get(self, base_url: str, api_key: str, *, pool: int = 0) -> AsyncOpenAI:
+        """The client of ``pool`` (realtime/providers/http.py: a few calls per pool keep
+        each connection pool small) for this endpoint and key."""
+        client = self._clients.get((base_url, api_key, pool))
         if client is None:
-            client = make_client(base_url, api_key, timeout=self._timeout)
-            self._clients[(base_url, api_key)] = client
+            client = make_client(base_url, api_key, timeout=self._timeout, tls=self._tls)
+            self._clients[(base_url, api_key, pool)] = client
         return client
 
     async def aclose(self) -> None:
@@ -117,7 +129,11 @@ class OpenAIClients:
 
 
 def make_client(
-    base_url: str, api_key: str, *, timeout: openai.Timeout | None = None
+    base_url: str,
+    api_key: str,
+    *,
+    timeout: openai.Timeout | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncOpenAI:
     # max_retries=0: retrying is ResilientLlm's decision, under the first-token deadline;
     # the SDK's own back-off (seconds) would blow through it silently.
@@ -126,6 +142,7 @@ def make_client(
         api_key=api_key,
         max_retries=0,
         timeout=timeout or openai.Timeout(15.0, connect=3.0),
+        http_client=openai.DefaultAsyncHttpxClient(verify=tls) if tls is not None else None,
     )
 
 
@@ -165,16 +182,18 @@ class OpenAILlm:
         settings: Settings,
         *,
         clients: OpenAIClients | None = None,
+        pool: int = 0,
     ) -> OpenAILlm:
         """Endpoint precedence: ``endpoint.base_url`` > ``settings.openai_base_url`` > OpenAI.
 
-        Without ``clients`` the adapter gets a private SDK client (closed by ``aclose``)."""
+        Without ``clients`` the adapter gets a private SDK client (closed by ``aclose``);
+        with them, the client of connection pool ``pool``."""
         if endpoint.provider != "openai":
             raise ValueError(f"unsupported LLM provider {endpoint.provider!r}")
         base_url = resolve_base_url(endpoint, settings)
         key = _api_key(settings, base_url)
         on_openai = base_url == OPENAI_DEFAULT_BASE_URL
-        client = clients.get(base_url, key) if clients else make_client(base_url, key)
+        client = clients.get(base_url, key, pool=pool) if clients else make_client(base_url, key)
         return cls(
             client,
             endpoint.model,
@@ -472,12 +491,16 @@ async def _close(events: AsyncIterator[LlmEvent]) -> None:
 
 
 def build_llm(
-    brain: BrainConfig, settings: Settings, *, clients: OpenAIClients | None = None
+    brain: BrainConfig,
+    settings: Settings,
+    *,
+    clients: OpenAIClients | None = None,
+    pool: int = 0,
 ) -> LlmProvider:
     """The agent's brain: its endpoint, behind a first-token deadline and its fallback."""
-    primary = OpenAILlm.from_config(brain, settings, clients=clients)
+    primary = OpenAILlm.from_config(brain, settings, clients=clients, pool=pool)
     fallback = (
-        OpenAILlm.from_config(brain.fallback, settings, clients=clients)
+        OpenAILlm.from_config(brain.fallback, settings, clients=clients, pool=pool)
         if brain.fallback is not None
         else None
     )
