@@ -5,6 +5,9 @@ caller samples is the recording's clock; agent audio is placed at the caller-clo
 position when it was sent. Audio is written every second, so memory stays flat
 however long the call lasts.
 
+A recording that cannot be written (a full disk) is given up with one logged error; the
+call goes on without it.
+
 One file per session: a call that moved here from a realtime worker that died has the
 first session's recording already, so this session writes the next segment beside it
 (``{call_id}.part2.wav``, ...; builder_engine/recordings.py), and the post-call
@@ -13,6 +16,7 @@ finalization joins them.
 
 from __future__ import annotations
 
+import logging
 import wave
 from pathlib import Path
 
@@ -22,6 +26,8 @@ import numpy.typing as npt
 from builder_engine.recordings import create_segment
 
 FLUSH_SECONDS = 1.0
+
+log = logging.getLogger(__name__)
 
 
 class StereoRecorder:
@@ -40,13 +46,14 @@ class StereoRecorder:
         self._caller_len = 0  # samples per channel pending, caller side
         self._agent = np.zeros(0, dtype=np.int16)  # pending agent samples from _written on
         self._closed = False
+        self.failed = False  # a write failed: the rest of the call is not recorded
 
     @property
     def caller_samples(self) -> int:
         return self._written + self._caller_len
 
     def add_caller(self, pcm: npt.NDArray[np.int16]) -> None:
-        if self._closed:
+        if self._closed or self.failed:
             return
         self._caller.append(pcm)
         self._caller_len += len(pcm)
@@ -55,7 +62,7 @@ class StereoRecorder:
 
     def add_agent(self, pcm: npt.NDArray[np.int16], at_sample: int | None = None) -> None:
         """Agent audio that started playing at caller-clock ``at_sample`` (default: now)."""
-        if self._closed:
+        if self._closed or self.failed:
             return
         start = (self.caller_samples if at_sample is None else at_sample) - self._written
         start = max(start, 0)
@@ -77,7 +84,11 @@ class StereoRecorder:
         frames = np.empty(samples * 2, dtype="<i2")
         frames[0::2] = left
         frames[1::2] = right
-        self._wav.writeframes(frames.tobytes())
+        try:
+            self._wav.writeframes(frames.tobytes())
+        except OSError as exc:
+            self._give_up(exc)
+            return
         self._written += samples
         rest = caller[samples:]
         self._caller = [rest] if len(rest) else []
@@ -86,16 +97,32 @@ class StereoRecorder:
 
     def close(self) -> Path:
         if not self._closed:
-            # Keep the agent's last words even when the caller's audio stopped first.
-            pending = max(self._caller_len, len(self._agent))
-            if pending > self._caller_len:
-                self._caller.append(np.zeros(pending - self._caller_len, dtype=np.int16))
-                self._caller_len = pending
-            self._flush(self._caller_len)
-            self._wav.close()
-            self._file.close()  # wave closes only the files it opened itself
+            if not self.failed:
+                # Keep the agent's last words even when the caller's audio stopped first.
+                pending = max(self._caller_len, len(self._agent))
+                if pending > self._caller_len:
+                    self._caller.append(np.zeros(pending - self._caller_len, dtype=np.int16))
+                    self._caller_len = pending
+                self._flush(self._caller_len)
+            try:
+                self._wav.close()
+            except OSError as exc:  # the header's final sizes
+                self._give_up(exc)
+            try:
+                self._file.close()  # wave closes only the files it opened itself
+            except OSError as exc:  # buffered bytes that could not be written
+                self._give_up(exc)
             self._closed = True
         return self.path
+
+    def _give_up(self, exc: OSError) -> None:
+        if not self.failed:
+            self.failed = True
+            log.error(
+                "recording %s: writing failed, not recording any more: %s", self.path.name, exc
+            )
+        self._caller, self._caller_len = [], 0
+        self._agent = np.zeros(0, dtype=np.int16)
 
     @property
     def duration_s(self) -> float:

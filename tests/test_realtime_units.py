@@ -7,6 +7,8 @@ import asyncio
 import base64
 import gc
 import json
+import subprocess
+import sys
 import wave
 from collections.abc import Callable
 from pathlib import Path
@@ -245,6 +247,42 @@ def test_recorder_writes_stereo_caller_left_agent_right(tmp_path: Path) -> None:
     assert (frames[16000:16800, 1] == -2000).all()
     assert (frames[:16000, 1] == 0).all() and (frames[16800:32000, 1] == 0).all()
     assert (frames[32000:, 1] == 3000).all()
+
+
+RECORD_ON_A_FULL_DISK = """
+import logging, resource, signal, sys
+from pathlib import Path
+import numpy as np
+from realtime.recorder import StereoRecorder
+
+logging.basicConfig(level=logging.ERROR)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # a disk full at 20 KB
+recorder = StereoRecorder(Path(sys.argv[1]) / "call.wav")
+for _ in range(300):  # 6 s of caller audio: 192 KB of stereo
+    recorder.add_caller(np.full(160, 1000, dtype=np.int16))
+    recorder.add_agent(np.full(160, 2000, dtype=np.int16))
+path = recorder.close()
+print(recorder.failed, path.stat().st_size)
+"""
+
+
+def test_a_recording_that_cannot_be_written_is_given_up_not_the_call(tmp_path: Path) -> None:
+    """A full disk (here: a process whose files may not grow past 20 KB) fails the
+    recording's writes: the recorder says so once and stops recording; adding audio and
+    closing go on without an exception (which would end the call)."""
+    done = subprocess.run(
+        [sys.executable, "-c", RECORD_ON_A_FULL_DISK, str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    failed, size = done.stdout.split()
+    assert failed == "True" and int(size) <= 20_000
+    assert done.stderr.count("writing failed, not recording any more") == 1, done.stderr
 
 
 # ---------------------------------------------------------------- Twilio protocol
