@@ -17,10 +17,10 @@ STREAMING_LIMITS: Final = httpx.Limits(max_connections=None, max_keepalive_conne
 #: Calls that share one connection pool. httpcore walks every connection of its pool when
 #: a request starts and again when its response closes (polling each idle socket, and in
 #: httpcore 1.0 comparing every idle connection with all the others): a streaming request
-#: cost ~0.6 ms of CPU with 1 connection pooled, ~1.5 ms with 25 and ~7 ms with 100
-#: (bench/http_pool.py) - at 100 calls, more than the audio of all of them. Calls fill
-#: pools of this many in turn, so a few calls share one warm pool as before, and a
-#: hundred use thirteen small ones.
+#: cost 0.6-0.8 ms of CPU with 1 connection pooled, ~1.6 ms with 25 and 7-9.5 ms with 100
+#: (bench/http_pool.py), on the event loop of every call. Calls fill pools of this many
+#: in turn, so a few calls share one warm pool as before, and a hundred use thirteen
+#: small ones.
 CALLS_PER_POOL: Final = 8
 
 
