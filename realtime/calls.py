@@ -13,13 +13,13 @@ from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from builder_engine.agent_config import AgentConfig, VariableValue
-from builder_engine.calls import CallStatus
+from builder_engine.calls import CallStatus, EndedReason
 from builder_engine.db.models import AgentVersion, Call
 from builder_engine.tools import ToolDef, load_agent_tools
 from realtime.lifecycle import CallLifecycle
 from realtime.media.vad import SileroModel, SileroVad, VadBatcher
 from realtime.playout import OutboundMedia
-from realtime.providers.base import AudioFormat
+from realtime.providers.base import AudioFormat, ProviderError
 from realtime.recorder import StereoRecorder
 from realtime.resume import RESUME_LINE, rebuild
 from realtime.session import CallSession, CallSetup, Providers
@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 
 class CallNotFound(LookupError):
     pass
+
+
+class SessionNotCreated(Exception):
+    """The call's session could not be built here; the call has been ended with ``reason``
+    (its workflow told). The transport closes its socket."""
+
+    def __init__(self, call_id: str, reason: EndedReason) -> None:
+        super().__init__(f"call {call_id}: no session ({reason})")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -126,14 +135,16 @@ class SessionFactory:
         """``resume``: the call moved here from a realtime worker that died; the session
         restores the conversation from the CallWorkflow and does not greet again."""
         state = await self._load_resume_state(call.call_id) if resume else None
+        lifecycle = self._lifecycle(call.call_id)
+        providers: Providers | None = None
         recorder = None
-        if self._recordings_dir is not None:
-            recorder = StereoRecorder(
-                self._recordings_dir / f"{call.call_id}.wav", media_format.sample_rate
-            )
-        vad_rate = 8000 if media_format.sample_rate == 8000 else 16000
-        providers = self._providers.build(call.config, media_format)
         try:
+            providers = self._providers.build(call.config, media_format)
+            if self._recordings_dir is not None:
+                recorder = StereoRecorder(
+                    self._recordings_dir / f"{call.call_id}.wav", media_format.sample_rate
+                )
+            vad_rate = 8000 if media_format.sample_rate == 8000 else 16000
             session = CallSession(
                 CallSetup(
                     call.call_id,
@@ -145,15 +156,26 @@ class SessionFactory:
                 ),
                 providers,
                 outbound,
-                self._lifecycle(call.call_id),
+                lifecycle,
                 vad=SileroVad(vad_rate, model=self._vad_model, quiet_below_dbfs=QUIET_LINE_DBFS),
                 vad_batcher=self.vad_batcher,
                 recorder=recorder,
                 stats=self.stats,
             )
-        except BaseException:
-            providers.release()  # the session that would have released them never ran
-            raise
+        except Exception as exc:
+            # No session will run to give these back, nor to tell the workflow: the call
+            # ends here (an agent whose voice is not installed on this server, say).
+            reason = (
+                EndedReason.PROVIDER_ERROR if isinstance(exc, ProviderError) else EndedReason.FAILED
+            )
+            log.error("call %s: no session (%s): %s", call.call_id, reason, exc)
+            if providers is not None:
+                providers.release()
+            if recorder is not None:
+                recorder.close()
+            lifecycle.ended(reason)
+            await lifecycle.aclose()
+            raise SessionNotCreated(call.call_id, reason) from exc
         if resume:
             turns = state.turns if state is not None else []
             session.resume(rebuild(session.conversation, turns), RESUME_LINE)

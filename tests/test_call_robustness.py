@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import e2e
+import httpx
 import pytest
 from e2e import Stack, running_stack
 from fastapi import FastAPI
@@ -490,6 +491,42 @@ async def test_too_many_bad_messages_end_the_call_with_a_media_error(harness: Ha
 
 
 # ---------------------------------------------------------------- failing providers
+
+
+async def test_a_call_whose_providers_cannot_be_made_here_ends_at_once(harness: Harness) -> None:
+    """An agent whose voice this server does not have: the call ends as a provider error
+    at the start - its workflow hears it, the socket closes with 1011 - and holds nothing
+    of the server's (a pool place) afterwards. Over Twilio and over the web protocol."""
+    stack = harness.stack
+    no_voice = {"tts": {"provider": "piper-local", "voice": "no-such-voice"}}
+    call_sid, url, call_id = await harness.call(**no_voice)
+    async with RawStream(url) as stream:
+        await stream.start(call_id, call_sid)
+        assert await stream.closed_by_server(within=10) == 1011
+        assert stream.agent_audio() == 0
+    assert (await harness.ended_call(call_id))["ended_reason"] == "provider-error"
+
+    agent = await stack.create_agent(name="Voiceless web agent", **no_voice)
+    created = await stack.api.post("/v1/calls/web", json={"agent_id": agent["id"]})
+    assert created.status_code == 201, created.text
+    web = created.json()
+    async with connect(web["websocket_url"]) as ws:
+        await ws.send(
+            json.dumps({"type": "start", "call_id": web["call_id"], "token": web["token"]})
+        )
+        messages = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                messages.append(json.loads(await ws.recv()))
+        assert ws.close_code == 1011
+    assert [m["type"] for m in messages] == ["started", "ended"]
+    assert messages[1]["reason"] == "provider-error"
+    assert (await harness.ended_call(web["call_id"]))["ended_reason"] == "provider-error"
+
+    stats_url = stack.realtime_url.replace("ws://", "http://", 1) + "/stats"
+    async with httpx.AsyncClient() as plain:
+        stats = (await plain.get(stats_url)).json()
+    assert stats["pooled_calls"] == 0
 
 
 async def test_a_failing_language_model_apologizes_and_hangs_up(harness: Harness) -> None:

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from builder_engine.calls import EndedReason
-from realtime.calls import CallLoader, CallNotFound, LoadedCall, SessionFactory
+from realtime.calls import (
+    CallLoader,
+    CallNotFound,
+    LoadedCall,
+    SessionFactory,
+    SessionNotCreated,
+)
 from realtime.providers.base import MULAW_8K
 from realtime.session import HANDED_OVER, CallSession
 from realtime.transports import SERVER_RESTARTING
@@ -182,9 +188,13 @@ class TwilioMediaHandler:
         """``resume``: the call was live on another realtime process (or on an earlier
         stream here); the session restores the conversation from the CallWorkflow."""
         outbound = TwilioOutbound(websocket, start.stream_sid)
-        session = await self._sessions.create(
-            call, outbound, MULAW_8K, resume=resume, frame_ms=OUTBOUND_FRAME_MS
-        )
+        try:
+            session = await self._sessions.create(
+                call, outbound, MULAW_8K, resume=resume, frame_ms=OUTBOUND_FRAME_MS
+            )
+        except SessionNotCreated:
+            await _close(websocket, 1011)
+            return
         runner = asyncio.create_task(session.run(), name=f"{call.call_id}:session")
         pump = stream.pump = asyncio.create_task(
             self._pump(websocket, start.stream_sid, session, stats)

@@ -31,7 +31,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from builder_engine.calls import EndedReason
-from realtime.calls import CallLoader, CallNotFound, SessionFactory
+from realtime.calls import CallLoader, CallNotFound, SessionFactory, SessionNotCreated
 from realtime.providers.base import PCM16_16K
 from realtime.session import HANDED_OVER, CallSession
 from realtime.transports import SERVER_RESTARTING
@@ -152,9 +152,17 @@ class WebMediaHandler:
         # "resume": the call's session was on a realtime server that died; this one
         # restores the conversation from the CallWorkflow.
         resume = start.get("resume") is True
-        outbound = WebOutbound(websocket)
-        session = await self._sessions.create(call, outbound, PCM16_16K, resume=resume)
+        # "started" goes first, so that no await comes between making the session and
+        # running it: a session that never runs never gives back what it holds.
         await self._started(websocket, call.call_id, resumed=resume)
+        outbound = WebOutbound(websocket)
+        try:
+            session = await self._sessions.create(call, outbound, PCM16_16K, resume=resume)
+        except SessionNotCreated as exc:
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await websocket.send_text(json.dumps({"type": "ended", "reason": exc.reason}))
+            await _close(websocket, 1011, "the call could not be set up")
+            return
         runner = asyncio.create_task(session.run(), name=f"{call.call_id}:session")
         live = self._live[call.call_id] = _LiveCall(session, outbound, runner)
         runner.add_done_callback(lambda _: self._live.pop(call.call_id, None))
