@@ -80,6 +80,23 @@ class Settings(BaseSettings):
         "public URL with a ws(s) scheme (a reverse proxy sends /media/* to the realtime "
         "server), or ws://{host}:{realtime_port} when no public URL is set.",
     )
+    realtime_max_calls: int | None = Field(
+        default=None,
+        ge=1,
+        description="Concurrent calls one realtime process takes; a new call's media "
+        "stream beyond it is refused with close code 1013 (Twilio then streams the call "
+        "again, through a load balancer to another process; a web client reconnects). "
+        "Unset: no cap. Size it from bench/realtime_calls.py on the machine "
+        "(docs/performance.md).",
+    )
+    realtime_ready_max_loop_lag_ms: float | None = Field(
+        default=30.0,
+        gt=0,
+        description="GET /readyz on the realtime server answers 503 while its event loop "
+        "runs later than this (a 20 ms timer's lag, smoothed over ~2 s) or it is at "
+        "BUILDER_REALTIME_MAX_CALLS: for load balancers and readiness probes to send new "
+        "calls elsewhere. Unset: the lag is not checked.",
+    )
     turn_batch_s: float = Field(
         default=5.0,
         ge=0.0,

@@ -14,11 +14,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, WebSocket
+from fastapi.responses import JSONResponse
 from temporalio.client import Client
 
 from builder_engine.config import Settings
 from builder_engine.db.engine import create_async_db_engine, session_factory
 from builder_engine.temporal_setup import connect
+from realtime.admission import Admission
 from realtime.calls import CallLoader, ProviderFactory, SessionFactory
 from realtime.collector import CallGarbageCollector
 from realtime.instance import RealtimeInstance
@@ -41,6 +43,7 @@ from workflows.liveness import ResumeState
 class RealtimeContext:
     twilio: TwilioMediaHandler
     web: WebMediaHandler
+    admission: Admission
     stats: RealtimeStats
     vad: VadBatcher
     collector: CallGarbageCollector
@@ -89,9 +92,17 @@ def create_app(
         background = [asyncio.create_task(factory.stats.watch_loop(), name="loop-lag")]
         if collect_garbage:
             background.append(asyncio.create_task(collector.run(), name="garbage-collector"))
+        admission = Admission(
+            stats,
+            max_calls=settings.realtime_max_calls,
+            max_loop_lag_ms=settings.realtime_ready_max_loop_lag_ms,
+        )
         app.state.context = RealtimeContext(
-            twilio=TwilioMediaHandler(loader, factory, signature=_stream_signature(settings)),
-            web=WebMediaHandler(loader, factory),
+            twilio=TwilioMediaHandler(
+                loader, factory, signature=_stream_signature(settings), admission=admission
+            ),
+            web=WebMediaHandler(loader, factory, admission=admission),
+            admission=admission,
             stats=factory.stats,
             vad=factory.vad_batcher,
             collector=collector,
@@ -119,6 +130,17 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Whether this process should get new calls (realtime/admission.py): 200, or 503
+        with the reason while it is at its call cap or its event loop runs late."""
+        admission: Admission = app.state.context.admission
+        busy = admission.busy()
+        body = {"status": "busy" if busy else "ready", **admission.snapshot()}
+        if busy:
+            body["reason"] = busy
+        return JSONResponse(body, status_code=503 if busy else 200)
+
     @app.get("/stats")
     async def stats() -> dict[str, float | int]:
         """Calls in progress, the cost of inbound frames (decode, resample, VAD), the full
@@ -129,6 +151,7 @@ def create_app(
             **context.vad.snapshot(),
             **context.collector.snapshot(),
             **context.pools.snapshot(),
+            **context.admission.snapshot(),
         }
 
     @app.websocket("/media/twilio")

@@ -13,6 +13,9 @@ import numpy as np
 #: the codec. A sample of one in eight still gives thousands of frames a second.
 FRAME_SAMPLE_EVERY = 8
 
+#: Weight of each new loop-lag sample (one per ~20 ms) in the smoothed lag: ~2 s of memory.
+LAG_SMOOTHING = 0.01
+
 
 @dataclass
 class FrameTimes:
@@ -69,6 +72,9 @@ class RealtimeStats:
     loop_lag: FrameTimes = field(default_factory=lambda: FrameTimes(capacity=50_000))
     late_loop_busy_s: float = 0.0
     late_loop_waiting_s: float = 0.0
+    #: The loop's lag, smoothed over about the last two seconds (what ``GET /readyz``
+    #: judges the process's load by).
+    recent_loop_lag_s: float = 0.0
 
     async def watch_loop(self, interval_s: float = 0.02) -> None:
         """Run for the life of the process: measures ``loop_lag``."""
@@ -78,6 +84,7 @@ class RealtimeStats:
             await asyncio.sleep(interval_s)
             late = loop.time() - due
             self.loop_lag.add(late)
+            self.recent_loop_lag_s += LAG_SMOOTHING * (late - self.recent_loop_lag_s)
             if late > interval_s:
                 busy = min(time.thread_time() - cpu, late + interval_s)
                 self.late_loop_busy_s += busy

@@ -35,11 +35,13 @@ from builder_engine.config import Settings
 from emulators.openai import Fail, Reply
 from emulators.speech import caller_speech
 from emulators.twilio_phone import TwilioPhone, stream_headers
+from emulators.twiml import read_twiml
 from realtime.app import create_app as create_realtime
 from realtime.calls import ProviderFactory
 from realtime.resume import RESUME_LINE
 from realtime.session import APOLOGY, CallSession
 from realtime.transports.twilio import TwilioMediaHandler
+from realtime.transports.web import WebMediaHandler
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +60,7 @@ SILENCE = b"\xff" * 160  # 20 ms of mu-law silence
 class Harness:
     stack: Stack
     twilio: TwilioMediaHandler  # the realtime server's handler (its timeouts are settable)
+    web: WebMediaHandler
 
     async def call(self, **agent: Any) -> tuple[str, str, str]:
         """A new agent, number and incoming call: (call sid, stream URL, call id)."""
@@ -116,7 +119,8 @@ async def harness(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Har
                 Reply(when_last_user_contains="hours", text=HOURS),
             ],
         ) as stack:
-            yield Harness(stack, apps[0].state.context.twilio)
+            context = apps[0].state.context
+            yield Harness(stack, context.twilio, context.web)
 
 
 class RawStream:
@@ -488,6 +492,57 @@ async def test_too_many_bad_messages_end_the_call_with_a_media_error(harness: Ha
         assert await stream.closed_by_server(within=5) == 1000
     call = await harness.ended_call(call_id)
     assert call["ended_reason"] == "media-error"
+
+
+# ---------------------------------------------------------------- a full process
+
+
+async def test_a_full_process_refuses_new_calls_which_twilio_then_streams_again(
+    harness: Harness,
+) -> None:
+    """At its call cap the realtime process says so on ``GET /readyz`` (503) and refuses a
+    new call's stream with 1013; the refused call is not over: Twilio asks the stream's
+    ``<Connect action>``, which streams it again, and once there is room it is taken."""
+    stack = harness.stack
+    admission = harness.twilio.admission
+    assert admission is harness.web.admission  # one count for both transports
+    saved = admission.max_calls, admission.max_loop_lag_ms
+    admission.max_calls, admission.max_loop_lag_ms = 1, None  # the lag is a unit test's
+    readyz = stack.realtime_url.replace("ws://", "http://", 1) + "/readyz"
+    try:
+        async with httpx.AsyncClient() as plain:
+            assert (await plain.get(readyz)).status_code == 200
+            first_sid, first_url, first_id = await harness.call()
+            second_sid, second_url, second_id = await harness.call()
+            async with stack.phone(first_url, first_id, first_sid) as first:
+                await first.wait_for_media_after(0, within=8)
+                busy = await plain.get(readyz)
+                assert busy.status_code == 503
+                assert busy.json()["status"] == "busy" and "cap of 1" in busy.json()["reason"]
+
+                async with RawStream(second_url) as refused:
+                    await refused.start(second_id, second_sid)
+                    assert await refused.closed_by_server(within=5) == 1013
+                    assert refused.agent_audio() == 0
+                # Twilio asks what next: the call goes on, so it is streamed again.
+                answer = read_twiml(stack.answers[second_sid])
+                assert answer.stream is not None and answer.stream.action is not None
+                again = await stack.stream_ended(answer.stream.action, second_sid)
+                assert again.stream is not None and not again.hangs_up
+                await first.hang_up()
+            await harness.ended_call(first_id)
+
+            async with asyncio.timeout(5):
+                while (await plain.get(readyz)).status_code != 200:
+                    await asyncio.sleep(0.05)
+            # There is room again: the second stream is taken and the caller greeted.
+            retried = stack.phone(again.stream.url, second_id, second_sid)
+            async with retried as phone:
+                await greeted(phone)
+                await phone.hang_up()
+            assert (await harness.ended_call(second_id))["ended_reason"] == "caller-hangup"
+    finally:
+        admission.max_calls, admission.max_loop_lag_ms = saved
 
 
 # ---------------------------------------------------------------- failing providers

@@ -9,6 +9,7 @@ import gc
 import json
 import subprocess
 import sys
+import time
 import wave
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +18,12 @@ import numpy as np
 import pytest
 
 from builder_engine.agent_config import TurnConfig
+from realtime.admission import Admission
 from realtime.collector import CallGarbageCollector
 from realtime.playout import Playout, cut_at_fraction
 from realtime.recorder import StereoRecorder
 from realtime.state import CallPhase, CallStateMachine, InvalidTransition
+from realtime.stats import RealtimeStats
 from realtime.transports import twilio_protocol as tp
 from realtime.turns import TurnPolicy, VoiceTracker, ends_mid_number, meaningful_words
 
@@ -393,3 +396,38 @@ def test_the_garbage_collector_runs_a_full_pass_only_after_calls_ended() -> None
         gc.unfreeze()
         gc.enable()
     assert collector.snapshot()["full_gc_passes"] == 1
+
+
+# ---------------------------------------------------------------- admission
+
+
+def test_admission_caps_new_calls_but_always_takes_a_call_live_here() -> None:
+    admission = Admission(RealtimeStats(), max_calls=2)
+    assert admission.admit() and admission.admit()
+    assert not admission.admit()  # the third new call is refused
+    assert admission.busy() == "at its cap of 2 calls"
+    assert admission.admit(always=True)  # a call that was live here a moment ago
+    assert admission.calls == 3
+    admission.release()
+    admission.release()
+    assert admission.busy() is None and admission.admit()
+    unlimited = Admission(RealtimeStats())
+    assert all(unlimited.admit() for _ in range(1000)) and unlimited.busy() is None
+
+
+async def test_a_late_event_loop_makes_the_process_busy_but_refuses_no_stream() -> None:
+    stats = RealtimeStats()
+    admission = Admission(stats, max_calls=10, max_loop_lag_ms=5.0)
+    watcher = asyncio.create_task(stats.watch_loop(interval_s=0.005))
+    try:
+        await asyncio.sleep(0.05)
+        assert admission.busy() is None
+        for _ in range(10):  # a loop held for 0.1 s at a time, ten times over
+            time.sleep(0.1)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        busy = admission.busy()
+        assert busy is not None and "event loop runs" in busy
+        assert admission.admit()  # lag alone never turns a caller away
+    finally:
+        watcher.cancel()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from builder_engine.calls import EndedReason
+from realtime.admission import TRY_AGAIN_LATER, Admission
 from realtime.calls import (
     CallLoader,
     CallNotFound,
@@ -101,10 +102,13 @@ class TwilioMediaHandler:
         max_bad_frames: int = MAX_BAD_FRAMES,
         takeover_timeout_s: float = TAKEOVER_TIMEOUT_S,
         signature: StreamSignature | None = None,
+        admission: Admission | None = None,
     ) -> None:
-        """``signature``: check Twilio's handshake signature (a Twilio auth token is set)."""
+        """``signature``: check Twilio's handshake signature (a Twilio auth token is set).
+        ``admission``: the process's call cap (none by default)."""
         self._loader = loader
         self._sessions = sessions
+        self.admission = admission or Admission(sessions.stats)
         self.start_timeout_s = start_timeout_s
         self.media_timeout_s = media_timeout_s
         self.max_bad_frames = max_bad_frames
@@ -153,6 +157,11 @@ class TwilioMediaHandler:
                     await _close(websocket, 1008)
                     return
                 resume = True  # the call was live here: no second greeting
+            # A call that was live here already adds no load: it is always taken.
+            if not self.admission.admit(always=earlier is not None):
+                log.warning("call %s: refused, this process is full", call.call_id)
+                await _close(websocket, TRY_AGAIN_LATER)
+                return
             await self._run_call(websocket, start, call, stats, stream, resume=resume)
         finally:
             if self._streams.get(call.call_id) is stream:
@@ -193,9 +202,14 @@ class TwilioMediaHandler:
                 call, outbound, MULAW_8K, resume=resume, frame_ms=OUTBOUND_FRAME_MS
             )
         except SessionNotCreated:
+            self.admission.release()
             await _close(websocket, 1011)
             return
+        except BaseException:
+            self.admission.release()
+            raise
         runner = asyncio.create_task(session.run(), name=f"{call.call_id}:session")
+        runner.add_done_callback(lambda _: self.admission.release())
         pump = stream.pump = asyncio.create_task(
             self._pump(websocket, start.stream_sid, session, stats)
         )

@@ -31,6 +31,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from builder_engine.calls import EndedReason
+from realtime.admission import TRY_AGAIN_LATER, Admission
 from realtime.calls import CallLoader, CallNotFound, SessionFactory, SessionNotCreated
 from realtime.providers.base import PCM16_16K
 from realtime.session import HANDED_OVER, CallSession
@@ -106,9 +107,12 @@ class WebMediaHandler:
         sessions: SessionFactory,
         *,
         reconnect_grace_s: float = RECONNECT_GRACE_S,
+        admission: Admission | None = None,
     ) -> None:
+        """``admission``: the process's call cap (none by default)."""
         self._loader = loader
         self._sessions = sessions
+        self.admission = admission or Admission(sessions.stats)
         self.reconnect_grace_s = reconnect_grace_s
         self._live: dict[str, _LiveCall] = {}  # calls with a session in this process
 
@@ -151,6 +155,10 @@ class WebMediaHandler:
             return
         # "resume": the call's session was on a realtime server that died; this one
         # restores the conversation from the CallWorkflow.
+        if not self.admission.admit():
+            log.warning("call %s: refused, this process is full", call.call_id)
+            await _close(websocket, TRY_AGAIN_LATER, "this server is full, try again")
+            return
         resume = start.get("resume") is True
         # "started" goes first, so that no await comes between making the session and
         # running it: a session that never runs never gives back what it holds.
@@ -159,11 +167,16 @@ class WebMediaHandler:
         try:
             session = await self._sessions.create(call, outbound, PCM16_16K, resume=resume)
         except SessionNotCreated as exc:
+            self.admission.release()
             with contextlib.suppress(RuntimeError, WebSocketDisconnect):
                 await websocket.send_text(json.dumps({"type": "ended", "reason": exc.reason}))
             await _close(websocket, 1011, "the call could not be set up")
             return
+        except BaseException:
+            self.admission.release()
+            raise
         runner = asyncio.create_task(session.run(), name=f"{call.call_id}:session")
+        runner.add_done_callback(lambda _: self.admission.release())
         live = self._live[call.call_id] = _LiveCall(session, outbound, runner)
         runner.add_done_callback(lambda _: self._live.pop(call.call_id, None))
         await self._serve(websocket, live)
