@@ -31,7 +31,9 @@ and by the phones:
   lead ran out);
 * the phone-side view of overhead (last speech frame sent -> first answer frame
   received, minus the nominal 650 ms of window and providers).
-Also: RSS per call of the realtime process, CPU per process in the window, the wrap-up's
+Also: how often the realtime process's ``GET /readyz`` said it was busy in the window
+(polled every 0.5 s; realtime/admission.py), RSS per call of the realtime process, CPU per
+process in the window, the wrap-up's
 cost per call, from the call workflows' histories: workflow tasks that timed out and
 how long tasks took, and from the worker's SDK metrics: workflow task and (local)
 activity latencies per type (``BENCH_SHOW_TIMEOUTS=1`` lists each
@@ -782,14 +784,24 @@ async def main(
         meter.start()
         peak_rss = baseline_rss
         samples: list[tuple[float, float]] = []
-        while finished.at is None:
-            rss = rss_mb(realtime.pid)
-            peak_rss = max(peak_rss, rss)
-            assert connected.at is not None
-            samples.append((time.monotonic() - connected.at, rss))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(finished.wait(), 0.5)
+        readiness: list[tuple[bool, float]] = []  # (busy, smoothed loop lag ms) per poll
+        async with httpx.AsyncClient() as client:
+            while finished.at is None:
+                rss = rss_mb(realtime.pid)
+                peak_rss = max(peak_rss, rss)
+                assert connected.at is not None
+                samples.append((time.monotonic() - connected.at, rss))
+                ready = await client.get(f"http://127.0.0.1:{port}/readyz")
+                readiness.append((ready.status_code == 503, ready.json()["recent_loop_lag_ms"]))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), 0.5)
         cpu = meter.stop()
+        lags = [lag for _, lag in readiness]
+        print(
+            f"readiness: GET /readyz said busy in {sum(b for b, _ in readiness)} of "
+            f"{len(readiness)} polls; smoothed loop lag p50={percentile(lags, 50):.1f} "
+            f"max={max(lags, default=0):.1f} ms"
+        )
         assert connected.at is not None and finished.at is not None
         window_s = finished.at - connected.at
         async with httpx.AsyncClient() as client:
