@@ -153,18 +153,18 @@ class WebMediaHandler:
             await self._started(websocket, call.call_id, resumed=True)
             await self._serve(websocket, live)
             return
-        # "resume": the call's session was on a realtime server that died; this one
-        # restores the conversation from the CallWorkflow.
         if not self.admission.admit():
             log.warning("call %s: refused, this process is full", call.call_id)
             await _close(websocket, TRY_AGAIN_LATER, "this server is full, try again")
             return
+        # "resume": the call's session was on a realtime server that died; this one
+        # restores the conversation from the CallWorkflow.
         resume = start.get("resume") is True
-        # "started" goes first, so that no await comes between making the session and
-        # running it: a session that never runs never gives back what it holds.
-        await self._started(websocket, call.call_id, resumed=resume)
         outbound = WebOutbound(websocket)
         try:
+            # "started" goes first, so that no await comes between making the session
+            # and running it: a session that never runs never gives back what it holds.
+            await self._started(websocket, call.call_id, resumed=resume)
             session = await self._sessions.create(call, outbound, PCM16_16K, resume=resume)
         except SessionNotCreated as exc:
             self.admission.release()
