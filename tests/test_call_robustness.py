@@ -494,6 +494,23 @@ async def test_too_many_bad_messages_end_the_call_with_a_media_error(harness: Ha
     assert call["ended_reason"] == "media-error"
 
 
+async def test_a_cancelled_stream_handler_ends_its_call_at_once(harness: Harness) -> None:
+    """The server cancels a stream's handler (uvicorn does, past its shutdown grace): the
+    call ends then, as failed - not whenever its silence timeout would have ended it."""
+    call_sid, url, call_id = await harness.call(first_message=LONG_GREETING)
+    async with harness.stack.phone(url, call_id, call_sid) as phone:
+        await phone.wait_for_media_after(0, within=8)
+        handlers = [
+            task
+            for task in asyncio.all_tasks()
+            if getattr(task.get_coro(), "__qualname__", "").endswith("run_asgi")
+        ]
+        assert len(handlers) == 1, handlers  # this call's media stream
+        handlers[0].cancel()
+        call = await harness.ended_call(call_id)
+    assert call["ended_reason"] == "failed"
+
+
 # ---------------------------------------------------------------- a full process
 
 

@@ -223,6 +223,10 @@ class TwilioMediaHandler:
             if stream.superseded and not runner.done():
                 session.end(HANDED_OVER)
             elif not runner.done():
+                # This handler was cancelled (a server past its shutdown grace): the
+                # session must end too, or the wait for it below lasts as long as the
+                # call could have.
+                session.end(EndedReason.FAILED)
                 raise
         except Exception:
             # A bug while handling one message must still end this call (with a reason),
