@@ -685,10 +685,12 @@ async def test_a_stream_that_keeps_ending_or_is_not_this_calls_is_not_streamed_a
     params = in_progress(call_sid, number)
     call_id = answer.call_id
 
-    # Dropped over and over (a realtime worker refusing it, say): no endless loop.
+    # Dropped over and over (every realtime process refusing it, say): no endless loop.
+    # No session ever took the call: the caller is asked to try again later (a call
+    # that was answered says the connection was lost: below).
     looping = Twiml.parse(await tel.post(f"{STREAM_ENDED}?call_id={call_id}&attempt=5", params))
     assert looping.verbs == ["Say", "Hangup"]
-    assert "lost the connection" in (looping.root[0].text or "")
+    assert "try again later" in (looping.root[0].text or "")
     # Another call's sid, an unknown call id, or none: nothing to stream.
     stranger = in_progress(new_call_sid(), number)
     for path, form in [
@@ -707,6 +709,22 @@ async def test_a_stream_that_keeps_ending_or_is_not_this_calls_is_not_streamed_a
     handle = tel.temporal.get_workflow_handle(call_id)
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     assert tel.call(call_id).status == CallStatus.RINGING
+
+    # ...while a call that was answered and then lost its stream again and again says so.
+    answered_sid = new_call_sid()
+    answered = await tel.incoming_call(number, answered_sid)
+    await tel.temporal.get_workflow_handle(answered.call_id).signal("answered")
+    async with asyncio.timeout(WORKFLOW_WAIT_S):
+        while tel.call(answered.call_id).status != CallStatus.IN_PROGRESS:
+            await asyncio.sleep(0.05)
+    looping = Twiml.parse(
+        await tel.post(
+            f"{STREAM_ENDED}?call_id={answered.call_id}&attempt=5",
+            in_progress(answered_sid, number),
+        )
+    )
+    assert looping.verbs == ["Say", "Hangup"]
+    assert "lost the connection" in (looping.root[0].text or "")
 
 
 async def test_a_stream_ended_while_temporal_is_down_hangs_up_with_a_reason(

@@ -190,6 +190,10 @@ async def stream_ended(
         return _hang_up()
     if attempt >= MAX_STREAM_RECONNECTS:
         log.error("call %s: its stream ended %d times in a row; hanging up", call.id, attempt)
+        if call.status in (CallStatus.QUEUED, CallStatus.RINGING):
+            # No session ever took the call (every realtime process was full, say): the
+            # caller lost nothing yet and may try again later.
+            return _say_and_hang_up(SORRY)
         return _say_and_hang_up(LOST)
     log.warning("call %s: its media stream ended with the call live; streaming it again", call.id)
     return _stream(context, call.id, attempt=attempt + 1)
