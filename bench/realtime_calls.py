@@ -38,7 +38,9 @@ cost per call, from the call workflows' histories: workflow tasks that timed out
 how long tasks took, and from the worker's SDK metrics: workflow task and (local)
 activity latencies per type (``BENCH_SHOW_TIMEOUTS=1`` lists each
 timed-out task; ``BENCH_WORKER_NICE`` runs the worker at another priority;
-``BENCH_DATABASE_URL`` puts the platform's database elsewhere, e.g. PostgreSQL). The last
+``BENCH_DATABASE_URL`` puts the platform's database elsewhere, e.g. PostgreSQL;
+``BENCH_HARNESS_LOOP=asyncio`` runs the phones and emulators on asyncio's own loop
+instead of uvloop). The last
 line printed is ``calls=N overhead_p50_ms=.. overhead_p95_ms=..
 bargein_p95_ms=.. frame_p99_ms=.. max_gap_ms=.. rss_per_call_mb=..``.
 """

@@ -40,10 +40,14 @@ class Admission:
     #: still being set up count too).
     calls: int = 0
 
+    @property
+    def at_cap(self) -> bool:
+        return self.max_calls is not None and self.calls >= self.max_calls
+
     def admit(self, *, always: bool = False) -> bool:
         """Take a new call (then ``release`` it once its session has ended), or refuse it.
         ``always``: take it even at the cap (it was live here a moment ago)."""
-        if not always and self.max_calls is not None and self.calls >= self.max_calls:
+        if self.at_cap and not always:
             return False
         self.calls += 1
         return True
@@ -53,7 +57,7 @@ class Admission:
 
     def busy(self) -> str | None:
         """Why the process should get no new calls now; None when it can take one."""
-        if self.max_calls is not None and self.calls >= self.max_calls:
+        if self.at_cap:
             return f"at its cap of {self.max_calls} calls"
         lag_ms = self.stats.recent_loop_lag_s * 1000.0
         if self.max_loop_lag_ms is not None and lag_ms > self.max_loop_lag_ms:

@@ -37,7 +37,7 @@ class ProviderResources:
     openai_clients: OpenAIClients = field(init=False)
     # HTTP streaming TTS clients, one per pool of calls: a client per call would cost a
     # cold pool (TCP and TLS handshakes on the event loop) each time.
-    _http: dict[int, httpx.AsyncClient] = field(default_factory=dict)
+    _http: dict[int, httpx.AsyncClient] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.openai_clients = OpenAIClients(tls=self.tls)
