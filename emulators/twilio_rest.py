@@ -97,6 +97,9 @@ class TwilioRestEmulator:
         #: Called after each change of a call through the API (new TwiML or Status): a
         #: test ends the caller's media stream there, as Twilio does.
         self.on_change: Callable[[EmulatedCall, dict[str, str]], None] | None = None
+        #: How long an update of a live call takes to be answered, after it has taken
+        #: effect (Twilio's own answers take a few hundred milliseconds).
+        self.update_latency_s = 0.0
 
     @property
     def url(self) -> str:
@@ -180,6 +183,7 @@ class TwilioRestEmulator:
                 self._update(call, form)
                 if self.on_change is not None:
                     self.on_change(call, form)
+                await asyncio.sleep(self.update_latency_s)
             await response.send_json(200, call.resource(self.account_sid))
         else:
             await self._error(response, 405, 20004, "Method not allowed")

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pydantic import SecretStr
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -20,6 +21,7 @@ from activities.calls import CallActivities
 from builder_engine.calls import EndedReason
 from builder_engine.config import Settings
 from builder_engine.db.engine import create_async_db_engine
+from emulators.twilio_rest import TwilioRestEmulator
 from realtime.instance import RealtimeInstance
 from realtime.lifecycle import TemporalCallLifecycle
 from workers.temporal_worker import build_worker
@@ -86,6 +88,133 @@ async def test_a_dead_process_gets_its_calls_moved_and_a_live_one_keeps_them(
         await second.aclose()
         await engine.dispose()
     assert result["ended_reason"] == EndedReason.CALLER_HANGUP
+
+
+async def test_a_call_the_carrier_streams_again_is_not_moved_a_second_time(
+    time_skipping_env: WorkflowEnvironment, db_settings: Settings
+) -> None:
+    """The process serving a Twilio call dies; Twilio, seeing the stream close, asks the
+    API, which streams the call again and tells the workflow (``restreaming``). The dead
+    process's loss reaches the call before the new session says ``answered`` (a slow
+    reconnection): the call is not moved again - that would cut the new stream."""
+    client = time_skipping_env.client
+    start = _make_call(db_settings, "twilio", carrier_call_id=f"CA{uuid.uuid4().hex}")
+    engine = create_async_db_engine(db_settings)
+    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
+    calls = CallActivities(engine)
+    first = RealtimeInstance(client, task_queue, instance_id=f"a-{uuid.uuid4().hex[:6]}")
+    second = RealtimeInstance(client, task_queue, instance_id=f"b-{uuid.uuid4().hex[:6]}")
+    try:
+        async with build_worker(
+            client, task_queue, calls, moves=CallMoveActivities(calls.sessions, None)
+        ):
+            handle: WorkflowHandle[Any, Any] = await client.start_workflow(
+                "CallWorkflow", start, id=start.call_id, task_queue=task_queue
+            )
+            await first.start()
+            first.register(start.call_id, lambda _: None)
+            await handle.signal("answered", SessionStarted(first.instance_id))
+            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(first, client)))
+
+            await first.aclose()  # killed: its stream closes, Twilio asks the API
+            await handle.signal("restreaming")
+            lost = client.get_workflow_handle(
+                instance_workflow_id(first.instance_id), result_type=InstanceEnd
+            )
+            assert (await lost.result()).outcome == "lost"
+            await _eventually(lambda: _handled(handle, "session_lost"))
+            assert await _move_calls(handle) == 0
+
+            await second.start()
+            await handle.signal("answered", SessionStarted(second.instance_id))
+            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(second, client)))
+            await asyncio.sleep(2.5)  # beating in real time: nothing happens
+            assert await _move_calls(handle) == 0
+            await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
+            result = await handle.result()
+    finally:
+        await second.aclose()
+        await engine.dispose()
+    assert result["ended_reason"] == EndedReason.CALLER_HANGUP
+
+
+async def test_a_session_that_answers_while_the_call_is_being_moved_keeps_it(
+    time_skipping_env: WorkflowEnvironment, db_settings: Settings
+) -> None:
+    """The call's process is lost and the workflow moves the call (a Twilio REST update).
+    Twilio redirects the call at once and the new session says ``answered`` before the
+    update's own answer is back: the call has arrived, so the workflow does not wait for
+    it (a grace timer) and never moves it again."""
+    client = time_skipping_env.client
+    call_sid = f"CA{uuid.uuid4().hex}"
+    start = _make_call(db_settings, "twilio", carrier_call_id=call_sid)
+    engine = create_async_db_engine(db_settings)
+    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
+    calls = CallActivities(engine)
+    second = RealtimeInstance(client, task_queue, instance_id=f"b-{uuid.uuid4().hex[:6]}")
+    async with TwilioRestEmulator() as rest:
+        rest.update_latency_s = 1.0
+        settings = db_settings.model_copy(
+            update={
+                "twilio_account_sid": rest.account_sid,
+                "twilio_auth_token": SecretStr(rest.auth_token),
+                "twilio_api_base_url": rest.url,
+            }
+        )
+        moves = CallMoveActivities(calls.sessions, settings, realtime_url="ws://127.0.0.1:9")
+        try:
+            async with build_worker(client, task_queue, calls, moves=moves):
+                handle: WorkflowHandle[Any, Any] = await client.start_workflow(
+                    "CallWorkflow", start, id=start.call_id, task_queue=task_queue
+                )
+                # A process that is gone already: the call is moved at once.
+                await handle.signal("answered", SessionStarted(f"gone-{uuid.uuid4().hex[:6]}"))
+                async with asyncio.timeout(10):
+                    while not rest.updates(call_sid):
+                        await asyncio.sleep(0.02)
+                await second.start()
+                await handle.signal("answered", SessionStarted(second.instance_id))
+                await _eventually(lambda: _moved(handle), within=15)
+                assert await _timers_after_the_move(handle) == [0]
+                await asyncio.sleep(2.5)  # the second process beats: nothing happens
+                assert await _move_calls(handle) == 1
+                await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
+                result = await handle.result()
+        finally:
+            await second.aclose()
+            await engine.dispose()
+    assert result["ended_reason"] == EndedReason.CALLER_HANGUP
+    assert len(rest.updates(call_sid)) == 1
+
+
+async def _moved(handle: WorkflowHandle[Any, Any]) -> bool:
+    return bool(await _timers_after_the_move(handle))
+
+
+async def _timers_after_the_move(handle: WorkflowHandle[Any, Any]) -> list[int]:
+    """Once the move has completed and the workflow has acted on it: how many timers it
+    started since (empty until then)."""
+    completed = acted = False
+    timers = 0
+    async for event in handle.fetch_history_events():
+        if event.HasField("activity_task_completed_event_attributes"):
+            completed = True
+        elif completed and event.HasField("workflow_task_completed_event_attributes"):
+            acted = True
+        elif completed and event.HasField("timer_started_event_attributes"):
+            timers += 1
+    return [timers] if acted else []
+
+
+async def _handled(handle: WorkflowHandle[Any, Any], signal: str) -> bool:
+    """The workflow has received ``signal`` and finished a workflow task since."""
+    seen = False
+    async for event in handle.fetch_history_events():
+        if event.HasField("workflow_execution_signaled_event_attributes"):
+            seen = seen or event.workflow_execution_signaled_event_attributes.signal_name == signal
+        elif seen and event.HasField("workflow_task_completed_event_attributes"):
+            return True
+    return False
 
 
 async def test_a_supervisor_hangup_reaches_the_web_session_through_its_process(

@@ -289,6 +289,12 @@ class CallWorkflow:
         self._liveness.session_lost(instance_id)
 
     @workflow.signal
+    def restreaming(self) -> None:
+        """The carrier streams the live call again (the API answered its stream's end):
+        the session that serves it next says ``answered``."""
+        self._liveness.carrier_restreams(workflow.now())
+
+    @workflow.signal
     def turns_committed(self, turns: list[CommittedTurn]) -> None:
         self._pending.extend(turns)
         self._history.extend(history_turn(t) for t in turns)

@@ -124,8 +124,17 @@ class Liveness:
         return self.instance is not None or self.moved_at is not None
 
     def session_lost(self, instance_id: str) -> None:
-        if instance_id == self.instance:
+        # While a move is under way (the carrier's own, see ``carrier_restreams``) the
+        # new session is due within the grace period: moving the call again would cut it.
+        if instance_id == self.instance and self.moved_at is None:
             self.lost = True
+
+    def carrier_restreams(self, now: datetime) -> None:
+        """The carrier streams the live call again on its own (the stream closed under the
+        call: its process died, or the connection dropped): a move this workflow did not
+        start, due to end like one with the new session's ``answered``."""
+        if self.instance is not None and self.moved_at is None:
+            self.moved_at = now
 
     def needs_attention(self) -> bool:
         return self.lost or (self.instance is not None and not self.registered)
@@ -200,6 +209,11 @@ class Liveness:
             result = MoveCallResult(False, "", detail=str(exc))
         if result.gone:
             return "lost"
+        if self.instance is not None:
+            # A new session said ``answered`` while the move was being made (the carrier
+            # had streamed the call again already): the call is back.
+            self.moves = 0
+            return None
         # Moved (a Twilio call) or waiting for the web client: the new session's
         # ``answered`` is due within the grace period.
         self.moved_at = workflow.now()

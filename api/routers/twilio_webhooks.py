@@ -196,6 +196,7 @@ async def stream_ended(
             return _say_and_hang_up(SORRY)
         return _say_and_hang_up(LOST)
     log.warning("call %s: its media stream ended with the call live; streaming it again", call.id)
+    await _tell_restreaming(context, call.id)
     return _stream(context, call.id, attempt=attempt + 1)
 
 
@@ -222,6 +223,19 @@ async def _call_goes_on(context: Context, call_id: str) -> bool | None:
         log.warning("call %s: could not ask its workflow: %s", call_id, exc)
         return None
     return state.ended_reason is None
+
+
+async def _tell_restreaming(context: Context, call_id: str) -> None:
+    """The call's workflow learns that its session is coming back on a new stream, so
+    that the loss of the old session's process (its beats stop a moment later) does not
+    make it move the call a second time, cutting the new stream."""
+    try:
+        temporal = await context.temporal.client()
+        await temporal.get_workflow_handle(call_id).signal(
+            "restreaming", rpc_timeout=WORKFLOW_CHECK_TIMEOUT
+        )
+    except Exception as exc:  # the call goes on either way; at worst it is moved twice
+        log.warning("call %s: could not tell its workflow it streams again: %s", call_id, exc)
 
 
 @router.post(
