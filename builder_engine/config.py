@@ -89,6 +89,15 @@ class Settings(BaseSettings):
         "Unset: no cap. Size it from bench/realtime_calls.py on the machine "
         "(docs/performance.md).",
     )
+    realtime_lost_after_s: float = Field(
+        default=3.0,
+        ge=2.0,
+        le=600.0,
+        description="A realtime process whose liveness beats (one a second) stop this long "
+        "is presumed dead, and its live calls are moved to a healthy one. Shorter: faster "
+        "recovery; longer: a process stalled for a while (a paused VM, a host starved of "
+        "CPU) keeps its calls instead of having them moved.",
+    )
     realtime_ready_max_loop_lag_ms: float | None = Field(
         default=10.0,
         gt=0,

@@ -65,7 +65,9 @@ def create_app(
         engine = create_async_db_engine(settings)
         temporal: Client = await connect(settings)
         # Running before the first call: a CallWorkflow tells it about its call at once.
-        instance = RealtimeInstance(temporal, settings.temporal_task_queue)
+        instance = RealtimeInstance(
+            temporal, settings.temporal_task_queue, lost_after_s=settings.realtime_lost_after_s
+        )
         await instance.start()
 
         def lifecycle(call_id: str) -> CallLifecycle:

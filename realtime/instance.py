@@ -20,6 +20,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from realtime.updates import cancellation_kept
 from workflows.instances import (
     BEAT_INTERVAL_S,
+    LOST_AFTER_S,
     InstanceStart,
     SessionCommand,
     instance_workflow_id,
@@ -53,8 +54,10 @@ class RealtimeInstance:
         instance_id: str | None = None,
         interval_s: float = BEAT_INTERVAL_S,
         closed_check_s: float = CLOSED_CHECK_EVERY_S,
+        lost_after_s: float = LOST_AFTER_S,
     ) -> None:
         self.instance_id = instance_id or new_instance_id()
+        self._lost_after_s = lost_after_s
         self._client = client
         self._task_queue = task_queue
         self._interval_s = interval_s
@@ -109,7 +112,7 @@ class RealtimeInstance:
     async def _ensure_running(self) -> None:
         await self._client.start_workflow(
             "RealtimeInstanceWorkflow",
-            InstanceStart(self.instance_id),
+            InstanceStart(self.instance_id, lost_after_s=self._lost_after_s),
             id=self._workflow_id,
             task_queue=self._task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

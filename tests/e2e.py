@@ -159,6 +159,11 @@ async def running_stack(
                 public_url=PUBLIC_URL,
                 realtime_public_url=f"ws://127.0.0.1:{realtime_port}",
                 realtime_port=realtime_port,
+                # The test process runs the realtime server, worker, API and phones on one
+                # event loop: a stall of a few seconds there (a slow CI host) is the
+                # test's own, not a lost process to move calls away from. (The tests of
+                # moves run realtime processes of their own, at the default.)
+                realtime_lost_after_s=15.0,
                 twilio_auth_token=TWILIO_TOKEN,
                 openai_api_key=oa.api_key,
                 openai_base_url=oa.base_url,

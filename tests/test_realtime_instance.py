@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from pydantic import SecretStr
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError
@@ -278,6 +279,43 @@ async def test_a_process_that_stops_with_no_calls_is_not_lost(
     finally:
         await engine.dispose()
     assert end.outcome == "stopped"
+
+
+@pytest.mark.parametrize("lost_after_s", [3.0, 12.0])
+async def test_how_long_beats_may_stop_is_the_process_s_own_setting(
+    time_skipping_env: WorkflowEnvironment, db_settings: Settings, lost_after_s: float
+) -> None:
+    """BUILDER_REALTIME_LOST_AFTER_S: the instance workflow declares its process lost
+    that long after the last beat (here a process that dies with a call)."""
+    client = time_skipping_env.client
+    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
+    engine = create_async_db_engine(db_settings)
+    instance = RealtimeInstance(
+        client, task_queue, instance_id=f"e-{uuid.uuid4().hex[:6]}", lost_after_s=lost_after_s
+    )
+    try:
+        async with build_worker(client, task_queue, CallActivities(engine)):
+            await instance.start()
+            instance.register("call_1", lambda _: None)
+            await asyncio.sleep(1.5)
+            assert instance.beats >= 1
+            await instance.aclose()
+            handle = client.get_workflow_handle(
+                instance_workflow_id(instance.instance_id), result_type=InstanceEnd
+            )
+            end = await handle.result()  # skips time until the beats are overdue
+            beats = [
+                event.event_time.ToDatetime()
+                async for event in handle.fetch_history_events()
+                if event.HasField("workflow_execution_update_completed_event_attributes")
+            ]
+            ended_at = (await handle.describe()).close_time
+    finally:
+        await engine.dispose()
+    assert end.outcome == "lost"
+    assert ended_at is not None
+    silent_s = (ended_at.replace(tzinfo=None) - beats[-1]).total_seconds()
+    assert lost_after_s <= silent_s < lost_after_s + 1.5
 
 
 async def _in(item: str, get: Callable[[], Awaitable[list[str]]]) -> bool:

@@ -4,8 +4,9 @@ Each realtime process beats on its own workflow (id ``realtime-<instance id>``) 
 every second with the ``beat`` Update. CallWorkflows tell it which calls the process
 serves (``call_started`` / ``call_ended`` signals, sent from the CallWorkflow itself, so
 a process that dies right after a call began still has that call on its list). When
-the beats stop for ``LOST_AFTER``, it signals ``session_lost`` to every CallWorkflow
-on its list and ends: each of them moves its call to a healthy process.
+the beats stop for ``lost_after_s`` (BUILDER_REALTIME_LOST_AFTER_S, 3 s by default), it
+signals ``session_lost`` to every CallWorkflow on its list and ends: each of them moves
+its call to a healthy process.
 
 A heartbeat per call would cost a workflow task per call per second (at 100 calls,
 most of a CPU core of Temporal server and worker); one per process costs one.
@@ -28,7 +29,7 @@ from temporalio import workflow
 #: How often a realtime process beats (the realtime side).
 BEAT_INTERVAL_S = 1.0
 #: Beats missing this long: the process is presumed dead and its calls are moved.
-LOST_AFTER = timedelta(seconds=3)
+LOST_AFTER_S = 3.0
 #: Continue-as-new once a run's history holds this many events.
 HISTORY_LIMIT = 1_500
 
@@ -60,6 +61,7 @@ class InstanceStart:
     # Carried across continue-as-new.
     calls: list[str] = field(default_factory=list)
     commands: list[SessionCommand] = field(default_factory=list)
+    lost_after_s: float = LOST_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class RealtimeInstanceWorkflow:
         self._beats = 0
         self._beaten = False  # a beat came since the loop last looked
         self._stopping = False
+        self._lost_after = timedelta(seconds=start.lost_after_s)
 
     @workflow.run
     async def run(self, start: InstanceStart) -> InstanceEnd:
@@ -106,11 +109,11 @@ class RealtimeInstanceWorkflow:
 
     def _wake_in(self) -> timedelta:
         assert self._last_beat is not None
-        return max(self._last_beat + LOST_AFTER - workflow.now(), timedelta(milliseconds=1))
+        return max(self._last_beat + self._lost_after - workflow.now(), timedelta(milliseconds=1))
 
     def _overdue(self) -> bool:
         assert self._last_beat is not None
-        return workflow.now() >= self._last_beat + LOST_AFTER
+        return workflow.now() >= self._last_beat + self._lost_after
 
     def _history_is_long(self) -> bool:
         info = workflow.info()
