@@ -207,6 +207,40 @@ async def _timers_after_the_move(handle: WorkflowHandle[Any, Any]) -> list[int]:
     return [timers] if acted else []
 
 
+async def test_a_call_streamed_again_that_no_session_takes_is_moved_after_the_grace(
+    time_skipping_env: WorkflowEnvironment, db_settings: Settings
+) -> None:
+    """``restreaming``, and then no new session says ``answered``: the workflow moves the
+    call itself once the grace period is over (it does not wait forever)."""
+    client = time_skipping_env.client
+    start = _make_call(db_settings, "web")
+    engine = create_async_db_engine(db_settings)
+    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
+    calls = CallActivities(engine)
+    first = RealtimeInstance(client, task_queue, instance_id=f"a-{uuid.uuid4().hex[:6]}")
+    try:
+        async with build_worker(
+            client, task_queue, calls, moves=CallMoveActivities(calls.sessions, None)
+        ):
+            handle: WorkflowHandle[Any, Any] = await client.start_workflow(
+                "CallWorkflow", start, id=start.call_id, task_queue=task_queue
+            )
+            await first.start()
+            first.register(start.call_id, lambda _: None)
+            await handle.signal("answered", SessionStarted(first.instance_id))
+            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(first, client)))
+            await first.aclose()
+            await handle.signal("restreaming")
+            await _eventually(lambda: _handled(handle, "restreaming"))
+            await time_skipping_env.sleep(30)  # past the 20 s grace, short of a second
+            assert await _move_calls(handle) == 1
+            await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
+            result = await handle.result()
+    finally:
+        await engine.dispose()
+    assert result["ended_reason"] == EndedReason.CALLER_HANGUP
+
+
 async def _handled(handle: WorkflowHandle[Any, Any], signal: str) -> bool:
     """The workflow has received ``signal`` and finished a workflow task since."""
     seen = False

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from datetime import timedelta
+import functools
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
@@ -117,13 +118,7 @@ class CallWorkflow:
         while self._ended_reason is None:
             with contextlib.suppress(TimeoutError):  # a flush or heartbeat check is due
                 await workflow.wait_condition(
-                    lambda: (
-                        self._answered_unrecorded()
-                        or bool(self._pending)
-                        or self._ended_reason is not None
-                        or self._liveness.needs_attention()
-                        or self._continue_as_new_due()
-                    ),
+                    functools.partial(self._due, self._liveness.moved_at),
                     timeout=self._wake_in(),
                 )
             if self._answered_unrecorded():
@@ -172,6 +167,19 @@ class CallWorkflow:
         )
         await unregistered
         return self.state()
+
+    def _due(self, moved_at: datetime | None) -> bool:
+        """Something for the loop to do. ``moved_at``: when the wait began; a move that
+        began during it (``restreaming``) needs its grace timed, and the wait's timeout was
+        worked out before."""
+        return (
+            self._answered_unrecorded()
+            or bool(self._pending)
+            or self._ended_reason is not None
+            or self._liveness.needs_attention()
+            or self._liveness.moved_at != moved_at
+            or self._continue_as_new_due()
+        )
 
     def _wake_in(self) -> timedelta | None:
         return self._liveness.wake_in(workflow.now())
