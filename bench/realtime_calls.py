@@ -28,19 +28,20 @@ What is measured, as the issue defines it, by the realtime process for every tur
 * frame: CPU time per inbound frame (decode, VAD);
 and by the phones:
 * gap: the longest the caller heard nothing in the middle of an answer (the playout's
-  lead ran out);
+  lead ran out); the realtime process also reports it from its side (the far end's
+  buffer ran dry inside a sentence, or between two);
 * the phone-side view of overhead (last speech frame sent -> first answer frame
   received, minus the nominal 650 ms of window and providers).
 Also: how often the realtime process's ``GET /readyz`` said it was busy in the window
-(polled every 0.5 s; realtime/admission.py), RSS per call of the realtime process, CPU per
-process in the window, the wrap-up's
-cost per call, from the call workflows' histories: workflow tasks that timed out and
-how long tasks took, and from the worker's SDK metrics: workflow task and (local)
-activity latencies per type (``BENCH_SHOW_TIMEOUTS=1`` lists each
-timed-out task; ``BENCH_WORKER_NICE`` runs the worker at another priority;
-``BENCH_DATABASE_URL`` puts the platform's database elsewhere, e.g. PostgreSQL;
-``BENCH_HARNESS_LOOP=asyncio`` runs the phones and emulators on asyncio's own loop
-instead of uvloop). The last
+(polled every 0.5 s; realtime/admission.py), how late the phones' and the emulators'
+own event loops ran (a late harness looks like a slow platform), RSS per call of the
+realtime process, CPU per process in the window, the wrap-up's cost per call, from the
+call workflows' histories: workflow tasks that timed out and how long tasks took, and
+from the worker's SDK metrics: workflow task and (local) activity latencies per type
+(``BENCH_SHOW_TIMEOUTS=1`` lists each timed-out task; ``BENCH_WORKER_NICE`` runs the
+worker at another priority; ``BENCH_DATABASE_URL`` puts the platform's database
+elsewhere, e.g. PostgreSQL; ``BENCH_HARNESS_LOOP=asyncio`` runs the phones and emulators
+on asyncio's own loop instead of uvloop). The last
 line printed is ``calls=N overhead_p50_ms=.. overhead_p95_ms=..
 bargein_p95_ms=.. frame_p99_ms=.. max_gap_ms=.. rss_per_call_mb=..``.
 """
@@ -50,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
@@ -104,6 +106,8 @@ LONG_ANSWER = (
 BARGE_IN = "Sorry, one more thing."
 #: Each phone waits up to this long after everyone is connected before its first question.
 START_SPREAD_S = 3.0
+#: The timer the harness's processes measure their own loop's lateness with.
+LOOP_LAG_TICK_S = 0.005
 
 
 class Phase:
@@ -507,8 +511,55 @@ async def serve_emulators(turns: int, token_interval_ms: float, soak: bool) -> N
             "ELEVENLABS_API_KEY": el.api_key,
             "ELEVENLABS_BASE_URL": el.url,
         }
+        freeze_startup_objects()
         print(json.dumps(addresses), flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        lag = LoopLag()
+        loop = asyncio.get_running_loop()
+        while command := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
+            if command == "window-start":
+                lag.start()
+            elif command == "window-end":
+                lag.stop()
+                print(lag.summary(), flush=True)
+
+
+class LoopLag:
+    """How late this process's event loop runs a 5 ms timer. The harness must not be what
+    is slow: a phone that reads late hears a gap the platform did not make, and an emulator
+    that writes late is a provider slower than its fixed latency."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.samples.clear()
+        self._task = asyncio.create_task(self._watch())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def summary(self) -> str:
+        late = [1000.0 * s for s in self.samples]
+        return f"p99 {percentile(late, 99):.1f} ms, max {max(late, default=0.0):.1f} ms"
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LOOP_LAG_TICK_S
+            await asyncio.sleep(LOOP_LAG_TICK_S)
+            self.samples.append(loop.time() - due)
+
+
+def freeze_startup_objects() -> None:
+    """Move every object made so far out of the cyclic collector's sight, as the realtime
+    process does (workers/cli.py). Without it, one full pass in the emulators' process
+    (~185 ms, walking all that the imports made) stalled the three emulated providers at
+    once in the middle of a 100-call run, which the realtime process then showed as gaps
+    of 50-70 ms in answers: a hold-up of the harness, not of the platform."""
+    gc.collect()
+    gc.freeze()
 
 
 def start_emulators(
@@ -525,6 +576,12 @@ def start_emulators(
         raise RuntimeError("the emulator process did not start")
     addresses: dict[str, str] = json.loads(line)
     return process, addresses
+
+
+def tell_emulators(emulators: subprocess.Popen[str], command: str) -> None:
+    assert emulators.stdin is not None
+    emulators.stdin.write(command + "\n")
+    emulators.stdin.flush()
 
 
 def line_noise(dbfs: float | None) -> bytes | None:
@@ -652,7 +709,10 @@ def report(
         f"gaps in answers at the phones: calls with one {sum(g > 0 for g in gaps)}, "
         f"longest {max(gaps, default=0):.1f} ms; frames sent late by the realtime process "
         f"(beyond their duration): {stats.get('outbound_late_over_40ms', 0)} over 40 ms, "
-        f"the latest {stats.get('max_outbound_late_ms', 0):.1f} ms"
+        f"the latest {stats.get('max_outbound_late_ms', 0):.1f} ms; the far end ran dry "
+        f"(realtime process's view) for up to "
+        f"{stats.get('max_outbound_gap_in_segment_ms', 0):.1f} ms inside a sentence, "
+        f"{stats.get('max_outbound_gap_between_segments_ms', 0):.1f} ms between sentences"
     )
     print(f"realtime process /stats: {stats}")
     realtime_ms = 1000.0 * cpu["realtime"] / calls
@@ -763,6 +823,7 @@ async def main(
             return call_id
 
         spread = random.Random(1)
+        freeze_startup_objects()
         tasks = [
             asyncio.create_task(
                 run_call(
@@ -784,6 +845,9 @@ async def main(
         ]
         await connected.wait()
         meter.start()
+        phones_lag = LoopLag()
+        phones_lag.start()
+        tell_emulators(emulators, "window-start")
         peak_rss = baseline_rss
         samples: list[tuple[float, float]] = []
         readiness: list[tuple[bool, float]] = []  # (busy, smoothed loop lag ms) per poll
@@ -798,6 +862,14 @@ async def main(
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(finished.wait(), 0.5)
         cpu = meter.stop()
+        phones_lag.stop()
+        tell_emulators(emulators, "window-end")
+        assert emulators.stdout is not None
+        emulators_lag = (await asyncio.to_thread(emulators.stdout.readline)).strip()
+        print(
+            f"the harness's own event loops, late in the window: phones {phones_lag.summary()}, "
+            f"emulators {emulators_lag}"
+        )
         lags = [lag for _, lag in readiness]
         print(
             f"readiness: GET /readyz said busy in {sum(b for b, _ in readiness)} of "

@@ -21,6 +21,8 @@ from typing import Protocol
 #: The far end plays what it has and a `clear` drops it all, so a longer lead costs
 #: neither latency nor barge-in: 100 ms covers most of those passes (60 ms covered none).
 LEAD_MS = 100.0
+#: Silence at the far end longer than this is the end of an answer, not a gap in one.
+ANSWER_BREAK_S = 1.0
 
 
 class OutboundMedia(Protocol):
@@ -72,6 +74,12 @@ class PlayoutStats:
     #: the largest, and how many were over 40 ms (the far end's buffer is the lead).
     max_late_ms: float = 0.0
     late_over_40ms: int = 0
+    #: The far end ran out of audio in the middle of an answer (it is silence the caller
+    #: hears): the longest such gap inside a segment - the pacer was held up past its
+    #: lead, or the segment's audio came in late - and between two segments - the next
+    #: sentence's audio came too late (a tool call or a hold in mid-answer counts here).
+    max_gap_in_segment_ms: float = 0.0
+    max_gap_between_segments_ms: float = 0.0
     _last_send: float | None = field(default=None, repr=False)
 
 
@@ -245,6 +253,8 @@ class Playout:
             now = self._clock()
             if self._spurt_start is None or now > self._spurt_start + self._spurt_sent_s:
                 # Nothing buffered at the far end any more: a new talk spurt starts now.
+                if self._spurt_start is not None:
+                    self._count_gap(item.segment, now - self._spurt_start - self._spurt_sent_s)
                 self._spurt_start = now
                 self._spurt_sent_s = 0.0
             due = self._spurt_start + self._spurt_sent_s - self._lead_s
@@ -256,6 +266,16 @@ class Playout:
             sent_at = self._clock()
             self._spurt_sent_s += self._frame_s
             self._account(item.segment, sent_at)
+
+    def _count_gap(self, segment: SpokenSegment, gap_s: float) -> None:
+        if gap_s >= ANSWER_BREAK_S:
+            return  # the answer had ended: this is the next one
+        gap_ms = gap_s * 1000.0
+        stats = self.stats
+        if segment.sent_bytes:
+            stats.max_gap_in_segment_ms = max(stats.max_gap_in_segment_ms, gap_ms)
+        else:
+            stats.max_gap_between_segments_ms = max(stats.max_gap_between_segments_ms, gap_ms)
 
     def _account(self, segment: SpokenSegment, sent_at: float) -> None:
         first = segment.first_sent_at is None

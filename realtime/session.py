@@ -327,7 +327,7 @@ class CallSession:
         if self.recorder is not None:
             self.recorder.close()
         self.state.to(CallPhase.ENDED)
-        self.stats.call_ended(self.playout.stats.max_late_ms, self.playout.stats.late_over_40ms)
+        self.stats.call_ended(self.playout.stats)
         await self.lifecycle.aclose()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:

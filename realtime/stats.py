@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from realtime.playout import PlayoutStats
 
 #: One inbound frame in this many is timed (per call). The CPU clock is a system call
 #: (~0.6 us idle, several under load): timing every frame of 100 calls cost more than
@@ -65,6 +69,9 @@ class RealtimeStats:
     #: Outbound frames sent late (beyond their frame's duration after the one before).
     max_outbound_late_ms: float = 0.0
     outbound_late_over_40ms: int = 0
+    #: The far end ran out of the agent's audio mid-answer (see ``PlayoutStats``).
+    max_outbound_gap_in_segment_ms: float = 0.0
+    max_outbound_gap_between_segments_ms: float = 0.0
 
     #: How late the event loop ran a 20 ms timer, and of the late ones (over 20 ms late),
     #: how much of the lateness this thread spent running code rather than waiting for
@@ -99,10 +106,16 @@ class RealtimeStats:
         self.active_calls += 1
         self.calls_started += 1
 
-    def call_ended(self, max_late_ms: float, late_over_40ms: int) -> None:
+    def call_ended(self, outbound: PlayoutStats) -> None:
         self.active_calls -= 1
-        self.max_outbound_late_ms = max(self.max_outbound_late_ms, max_late_ms)
-        self.outbound_late_over_40ms += late_over_40ms
+        self.max_outbound_late_ms = max(self.max_outbound_late_ms, outbound.max_late_ms)
+        self.outbound_late_over_40ms += outbound.late_over_40ms
+        self.max_outbound_gap_in_segment_ms = max(
+            self.max_outbound_gap_in_segment_ms, outbound.max_gap_in_segment_ms
+        )
+        self.max_outbound_gap_between_segments_ms = max(
+            self.max_outbound_gap_between_segments_ms, outbound.max_gap_between_segments_ms
+        )
 
     def snapshot(self) -> dict[str, float | int]:
         return {
@@ -110,6 +123,10 @@ class RealtimeStats:
             "calls_started": self.calls_started,
             "max_outbound_late_ms": round(self.max_outbound_late_ms, 2),
             "outbound_late_over_40ms": self.outbound_late_over_40ms,
+            "max_outbound_gap_in_segment_ms": round(self.max_outbound_gap_in_segment_ms, 2),
+            "max_outbound_gap_between_segments_ms": round(
+                self.max_outbound_gap_between_segments_ms, 2
+            ),
             "frames": self.frames,
             **self.frame_cpu.percentiles_ms("frame"),
             **self.frame_wall.percentiles_ms("frame_wall"),

@@ -431,3 +431,28 @@ async def test_a_late_event_loop_makes_the_process_busy_but_refuses_no_stream() 
         assert admission.admit()  # lag alone never turns a caller away
     finally:
         watcher.cancel()
+
+
+async def test_playout_tells_a_gap_inside_a_sentence_from_one_between_sentences() -> None:
+    transport = RecordingTransport()
+    loop = asyncio.get_running_loop()
+    playout = Playout(transport, frame_bytes=160, lead_ms=0, clock=loop.time)
+    pacer = asyncio.create_task(playout.run())
+    try:
+        first = playout.start_segment("We open at nine.")
+        playout.add_audio(first, b"\x01" * 160 * 2)  # 40 ms, then its audio is late
+        await asyncio.sleep(0.12)
+        playout.add_audio(first, b"\x01" * 160 * 2)  # the far end was dry for ~80 ms
+        playout.end_segment(first)
+        await asyncio.sleep(0.18)
+        second = playout.start_segment("And close at five.")  # ~140 ms after the first
+        playout.add_audio(second, b"\x01" * 160)
+        playout.end_segment(second)
+        await asyncio.sleep(1.1)
+        answer = playout.start_segment("Anything else?")  # a new answer: not a gap
+        playout.add_audio(answer, b"\x01" * 160)
+        await asyncio.sleep(0.05)
+        assert 60 <= playout.stats.max_gap_in_segment_ms < 130
+        assert 110 <= playout.stats.max_gap_between_segments_ms < 400
+    finally:
+        pacer.cancel()
