@@ -141,6 +141,7 @@ def stream_twiml(
     public_url: str | None,
     resume: bool = False,
     attempt: int = 0,
+    pause_s: int = 0,
 ) -> str:
     """A live call's bidirectional media stream to the realtime server.
 
@@ -149,13 +150,16 @@ def stream_twiml(
     CallWorkflow could notice a dead process and move the call. With ``action``, Twilio
     asks the API what next, which answers ``<Hangup/>`` for a call that has ended and
     streams a live one to a healthy worker again. ``resume``: the new session picks the
-    conversation up where it was; ``attempt`` counts such reconnections in a row.
+    conversation up where it was; ``attempt`` counts such reconnections in a row;
+    ``pause_s``: seconds of silence before the stream starts (a retry's back-off).
     """
     action = None
     if public_url is not None:
         query = {"call_id": call_id, **({"attempt": str(attempt)} if attempt else {})}
         action = f"{public_url.rstrip('/')}{STREAM_ENDED_PATH}?{urlencode(query)}"
     response = VoiceResponse()
+    if pause_s > 0:
+        response.pause(length=pause_s)
     connect = response.connect(action=action)
     stream = connect.stream(url=f"{realtime_url.rstrip('/')}/media/twilio")
     stream.parameter(name="call_id", value=call_id)

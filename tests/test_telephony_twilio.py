@@ -691,6 +691,16 @@ async def test_a_stream_that_keeps_ending_or_is_not_this_calls_is_not_streamed_a
     looping = Twiml.parse(await tel.post(f"{STREAM_ENDED}?call_id={call_id}&attempt=5", params))
     assert looping.verbs == ["Say", "Hangup"]
     assert "try again later" in (looping.root[0].text or "")
+    # Before that, each retry streams it again: the first at once, the later ones after
+    # a pause (asked again at once, a full process would most likely refuse it again).
+    for attempt, verbs in [(0, ["Connect"]), (1, ["Pause", "Connect"]), (4, ["Pause", "Connect"])]:
+        retry = Twiml.parse(
+            await tel.post(f"{STREAM_ENDED}?call_id={call_id}&attempt={attempt}", params)
+        )
+        assert retry.verbs == verbs, attempt
+        assert retry.parameters["resume"] == "1"
+        if "Pause" in verbs:
+            assert retry.root[0].get("length") == "1"
     # Another call's sid, an unknown call id, or none: nothing to stream.
     stranger = in_progress(new_call_sid(), number)
     for path, form in [
@@ -725,6 +735,11 @@ async def test_a_stream_that_keeps_ending_or_is_not_this_calls_is_not_streamed_a
     )
     assert looping.verbs == ["Say", "Hangup"]
     assert "lost the connection" in (looping.root[0].text or "")
+    # A live call's retries never wait: the caller is mid-conversation.
+    retry = await tel.post(
+        f"{STREAM_ENDED}?call_id={answered.call_id}&attempt=3", in_progress(answered_sid, number)
+    )
+    assert Twiml.parse(retry).verbs == ["Connect"]
 
 
 async def test_a_stream_ended_while_temporal_is_down_hangs_up_with_a_reason(

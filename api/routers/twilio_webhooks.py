@@ -38,6 +38,10 @@ LOST = "Sorry, we lost the connection to your call. Please call us again."
 #: Streams of one call restarted in a row through ``<Connect action>``: a stream that is
 #: refused or dropped again and again ends the call rather than loop forever.
 MAX_STREAM_RECONNECTS = 5
+#: Silence before streaming again a call no session has taken yet, from the second retry
+#: on: its stream was refused (every realtime process full, say), and asking again at
+#: once would most likely be refused again, the retries spent within a second.
+UNTAKEN_RETRY_PAUSE_S = 1
 #: Longest wait for the call's workflow to say whether the call goes on (Twilio waits
 #: 15 s for a webhook's answer).
 WORKFLOW_CHECK_TIMEOUT = timedelta(seconds=5)
@@ -78,7 +82,7 @@ def _twiml(twiml: VoiceResponse | str) -> Response:
     return Response(content=str(twiml), media_type=TWIML)
 
 
-def _stream(context: Context, call_id: str, *, attempt: int = 0) -> Response:
+def _stream(context: Context, call_id: str, *, attempt: int = 0, pause_s: int = 0) -> Response:
     """The call's media stream to the realtime server; ``attempt`` > 0: the stream ended
     with the call live, and this one resumes it (the ``attempt``-th time in a row)."""
     settings = context.settings
@@ -89,6 +93,7 @@ def _stream(context: Context, call_id: str, *, attempt: int = 0) -> Response:
             public_url=settings.effective_public_url,
             resume=attempt > 0,
             attempt=attempt,
+            pause_s=pause_s,
         )
     )
 
@@ -188,16 +193,17 @@ async def stream_ended(
         return _say_and_hang_up(LOST)
     if not live:
         return _hang_up()
+    # No session ever took the call (every realtime process was full, say).
+    untaken = call.status in (CallStatus.QUEUED, CallStatus.RINGING)
     if attempt >= MAX_STREAM_RECONNECTS:
         log.error("call %s: its stream ended %d times in a row; hanging up", call.id, attempt)
-        if call.status in (CallStatus.QUEUED, CallStatus.RINGING):
-            # No session ever took the call (every realtime process was full, say): the
-            # caller lost nothing yet and may try again later.
-            return _say_and_hang_up(SORRY)
-        return _say_and_hang_up(LOST)
+        # An untaken call's caller lost nothing yet and may try again later.
+        return _say_and_hang_up(SORRY if untaken else LOST)
     log.warning("call %s: its media stream ended with the call live; streaming it again", call.id)
     await _tell_restreaming(context, call.id)
-    return _stream(context, call.id, attempt=attempt + 1)
+    # The first retry goes at once: behind a load balancer it reaches another process.
+    pause_s = UNTAKEN_RETRY_PAUSE_S if untaken and attempt >= 1 else 0
+    return _stream(context, call.id, attempt=attempt + 1, pause_s=pause_s)
 
 
 async def _call_goes_on(context: Context, call_id: str) -> bool | None:
