@@ -139,6 +139,50 @@ async def test_a_call_the_carrier_streams_again_is_not_moved_a_second_time(
     assert result["ended_reason"] == EndedReason.CALLER_HANGUP
 
 
+async def test_a_call_streamed_again_to_another_live_process_leaves_the_first_s_list(
+    time_skipping_env: WorkflowEnvironment, db_settings: Settings
+) -> None:
+    """The network drops a Twilio call's stream; its process lives on. Twilio streams the
+    call again and another process takes it: the call moves to that process's watch list
+    and off the first one's, which would otherwise keep it for the process's life."""
+    client = time_skipping_env.client
+    start = _make_call(db_settings, "twilio", carrier_call_id=f"CA{uuid.uuid4().hex}")
+    engine = create_async_db_engine(db_settings)
+    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
+    calls = CallActivities(engine)
+    first = RealtimeInstance(client, task_queue, instance_id=f"a-{uuid.uuid4().hex[:6]}")
+    second = RealtimeInstance(client, task_queue, instance_id=f"b-{uuid.uuid4().hex[:6]}")
+    try:
+        async with build_worker(
+            client, task_queue, calls, moves=CallMoveActivities(calls.sessions, None)
+        ):
+            handle: WorkflowHandle[Any, Any] = await client.start_workflow(
+                "CallWorkflow", start, id=start.call_id, task_queue=task_queue
+            )
+            await first.start()
+            await second.start()
+            await handle.signal("answered", SessionStarted(first.instance_id))
+            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(first, client)))
+
+            await handle.signal("restreaming")
+            await handle.signal("answered", SessionStarted(second.instance_id))
+            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(second, client)))
+            await _eventually(lambda: _equals(0, lambda: _count(first, client)))
+            assert await _move_calls(handle) == 0
+            await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
+            result = await handle.result()
+            assert await _instance_calls(second, client) == []
+    finally:
+        await first.aclose()
+        await second.aclose()
+        await engine.dispose()
+    assert result["ended_reason"] == EndedReason.CALLER_HANGUP
+
+
+async def _count(instance: RealtimeInstance, client: Any) -> int:
+    return len(await _instance_calls(instance, client))
+
+
 async def test_a_session_that_answers_while_the_call_is_being_moved_keeps_it(
     time_skipping_env: WorkflowEnvironment, db_settings: Settings
 ) -> None:

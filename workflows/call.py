@@ -239,6 +239,7 @@ class CallWorkflow:
             lost=liveness.lost,
             moves=liveness.moves,
             moved_at=liveness.moved_at,
+            left=list(liveness.left),
             runs=self._runs,
             forced_reason=self._control.forced_reason,
         )

@@ -15,6 +15,7 @@ Deterministic code only: this runs inside the workflow.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -32,12 +33,22 @@ __all__ = ["HISTORY_LIMIT", "CallCarry"]
 MOVE_GRACE = timedelta(seconds=20)
 #: Moves tried before the call is given up as lost.
 MAX_MOVES = 3
+#: ``workflow.patched`` id: a call that moves on takes itself off its old process's list.
+UNREGISTER_LEFT_PATCH = "unregister-left-instances"
 
 MOVE_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=300),
     maximum_interval=timedelta(seconds=2),
     maximum_attempts=4,
 )
+
+
+async def _take_off(instance_id: str, call_id: str) -> None:
+    """Take the call off that process's watch list."""
+    handle = workflow.get_external_workflow_handle(instance_workflow_id(instance_id))
+    # That process may be gone already: then there is nothing to take the call off.
+    with contextlib.suppress(Exception):
+        await handle.signal("call_ended", call_id)
 
 
 @dataclass(frozen=True)
@@ -88,15 +99,10 @@ class Liveness:
         self.lost = False  # that process stopped beating
         self.moves = 0
         self.moved_at: datetime | None = None
-
-    def carry(self) -> dict[str, object]:
-        return {
-            "instance": self.instance,
-            "registered": self.registered,
-            "lost": self.lost,
-            "moves": self.moves,
-            "moved_at": self.moved_at,
-        }
+        #: Processes the call moved away from while it was on their watch lists: a stream
+        #: the network dropped leaves its process alive, and that process's list would
+        #: keep the call (and tell it of a loss that no longer concerns it) for good.
+        self.left: list[str] = []
 
     def restore(self, carried: CallCarry) -> None:
         self.instance = carried.instance
@@ -104,6 +110,7 @@ class Liveness:
         self.lost = carried.lost
         self.moves = carried.moves
         self.moved_at = carried.moved_at
+        self.left = list(carried.left)
 
     def session_started(self, instance_id: str, now: datetime) -> None:
         if self.moved_at is not None:
@@ -113,9 +120,15 @@ class Liveness:
             self.moved_at = None
             self.moves = 0
         if instance_id != self.instance:
+            self._leave()
             self.instance = instance_id
-            self.registered = False
         self.lost = False
+
+    def _leave(self) -> None:
+        """The call is done with its current process."""
+        if self.instance is not None and self.registered:
+            self.left.append(self.instance)
+        self.registered = False
 
     def moved_on_from(self, instance_id: str) -> bool:
         """Has the call been moved away from that process (to another, or on its way)?"""
@@ -137,6 +150,8 @@ class Liveness:
             self.moved_at = now
 
     def needs_attention(self) -> bool:
+        # Not ``left``: the lists it names are seen to when the call registers with its
+        # next process (always a wake-up of its own) or ends.
         return self.lost or (self.instance is not None and not self.registered)
 
     def wake_in(self, now: datetime) -> timedelta | None:
@@ -149,8 +164,15 @@ class Liveness:
         return self.lost or (self.moved_at is not None and now >= self.moved_at + MOVE_GRACE)
 
     async def register(self, call_id: str) -> None:
-        """Put the call on its process's watch list. A process whose instance workflow is
-        not running (it was declared lost a moment ago) counts as lost."""
+        """Put the call on its process's watch list (and off those of processes it left).
+        A process whose instance workflow is not running (it was declared lost a moment
+        ago) counts as lost."""
+        taking_off = self._take_off_left(call_id)
+        await self._register(call_id)
+        if taking_off:
+            await asyncio.wait(taking_off)
+
+    async def _register(self, call_id: str) -> None:
         if self.instance is None or self.registered:
             return
         handle = workflow.get_external_workflow_handle(instance_workflow_id(self.instance))
@@ -164,13 +186,21 @@ class Liveness:
             self.lost = True
 
     async def unregister(self, call_id: str) -> None:
-        if self.instance is None or not self.registered:
-            return
-        handle = workflow.get_external_workflow_handle(instance_workflow_id(self.instance))
-        # That process may be gone already: then there is nothing to take the call off.
-        with contextlib.suppress(Exception):
-            await handle.signal("call_ended", call_id)
-        self.registered = False
+        taking_off = self._take_off_left(call_id)
+        if self.instance is not None and self.registered:
+            await _take_off(self.instance, call_id)
+            self.registered = False
+        if taking_off:
+            await asyncio.wait(taking_off)
+
+    def _take_off_left(self, call_id: str) -> list[asyncio.Task[None]]:
+        """Start taking the call off the lists of the processes it left. Without any, the
+        caller's commands are the same as before this existed, in the same order (a
+        history from then replays); with some, only new histories send them."""
+        left, self.left = self.left, []
+        if not left or not workflow.patched(UNREGISTER_LEFT_PATCH):
+            return []
+        return [asyncio.create_task(_take_off(instance, call_id)) for instance in left]
 
     async def send_command(self, command: SessionCommand) -> bool:
         """Have the session serving the call do something (it hears within a beat)."""
@@ -194,7 +224,8 @@ class Liveness:
             self.instance,
             self.moves,
         )
-        self.instance, self.registered, self.lost = None, False, False
+        self._leave()
+        self.instance, self.lost = None, False
         try:
             result: MoveCallResult = await workflow.execute_activity(
                 "move_call",

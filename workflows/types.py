@@ -104,3 +104,5 @@ class CallCarry:
     # Why the call ends whatever the media side reports, once a transfer bridged the
     # caller elsewhere or a supervisor hung up (workflows/transfers.py CallControl).
     forced_reason: str | None = None
+    # Processes the call moved away from whose watch lists still hold it (liveness.py).
+    left: list[str] = field(default_factory=list)
