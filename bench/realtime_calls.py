@@ -108,6 +108,7 @@ BARGE_IN = "Sorry, one more thing."
 START_SPREAD_S = 3.0
 #: The timer the harness's processes measure their own loop's lateness with.
 LOOP_LAG_TICK_S = 0.005
+HARNESS_FREEZE_EVERY_S = 5.0
 
 
 class Phase:
@@ -511,7 +512,7 @@ async def serve_emulators(turns: int, token_interval_ms: float, soak: bool) -> N
             "ELEVENLABS_API_KEY": el.api_key,
             "ELEVENLABS_BASE_URL": el.url,
         }
-        freeze_startup_objects()
+        freezing = asyncio.create_task(keep_collector_passes_short())
         print(json.dumps(addresses), flush=True)
         lag = LoopLag()
         loop = asyncio.get_running_loop()
@@ -521,6 +522,7 @@ async def serve_emulators(turns: int, token_interval_ms: float, soak: bool) -> N
             elif command == "window-end":
                 lag.stop()
                 print(lag.summary(), flush=True)
+        freezing.cancel()
 
 
 class LoopLag:
@@ -552,14 +554,19 @@ class LoopLag:
             self.samples.append(loop.time() - due)
 
 
-def freeze_startup_objects() -> None:
-    """Move every object made so far out of the cyclic collector's sight, as the realtime
-    process does (workers/cli.py). Without it, one full pass in the emulators' process
-    (~185 ms, walking all that the imports made) stalled the three emulated providers at
-    once in the middle of a 100-call run, which the realtime process then showed as gaps
-    of 50-70 ms in answers: a hold-up of the harness, not of the platform."""
+async def keep_collector_passes_short() -> None:
+    """Keep the objects this harness process holds out of the cyclic collector's sight.
+    A full pass walks every object: in the emulators' process, one (~185 ms, all that the
+    imports made) stalled the three emulated providers at once in the middle of a 100-call
+    run, which the realtime process then showed as gaps of 50-70 ms in answers - a hold-up
+    of the harness, not of the platform. The harness also keeps what it records (every
+    frame a phone heard, every request an emulator served) to the end, so over a soak its
+    passes would grow with it: what has piled up is frozen again every few seconds (the
+    few garbage cycles frozen with it are a harness's to keep)."""
     gc.collect()
-    gc.freeze()
+    while True:
+        gc.freeze()
+        await asyncio.sleep(HARNESS_FREEZE_EVERY_S)
 
 
 def start_emulators(
@@ -823,7 +830,7 @@ async def main(
             return call_id
 
         spread = random.Random(1)
-        freeze_startup_objects()
+        freezing = asyncio.create_task(keep_collector_passes_short())
         tasks = [
             asyncio.create_task(
                 run_call(
@@ -883,6 +890,7 @@ async def main(
         meter.start()
         wrap_started = time.monotonic()
         results = await asyncio.gather(*tasks)
+        freezing.cancel()
         await wait_wrapped_up(env.client, float(os.environ.get("BENCH_WRAP_UP_S", "300")))
         wrap_up = (time.monotonic() - wrap_started, meter.seconds())
         async with httpx.AsyncClient() as client:  # the outbound figures come at each call's end
