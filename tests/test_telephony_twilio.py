@@ -736,10 +736,10 @@ async def test_a_stream_that_keeps_ending_or_is_not_this_calls_is_not_streamed_a
     assert looping.verbs == ["Say", "Hangup"]
     assert "lost the connection" in (looping.root[0].text or "")
     # A live call's retries never wait: the caller is mid-conversation.
-    retry = await tel.post(
+    live_retry = await tel.post(
         f"{STREAM_ENDED}?call_id={answered.call_id}&attempt=3", in_progress(answered_sid, number)
     )
-    assert Twiml.parse(retry).verbs == ["Connect"]
+    assert Twiml.parse(live_retry).verbs == ["Connect"]
 
 
 async def test_a_stream_ended_while_temporal_is_down_hangs_up_with_a_reason(
