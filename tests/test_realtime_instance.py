@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from pydantic import SecretStr
-from temporalio.client import WorkflowHandle
+from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from test_call_liveness import _make_call, _move_calls
@@ -28,6 +29,7 @@ from realtime.lifecycle import TemporalCallLifecycle
 from workers.temporal_worker import build_worker
 from workflows.instances import InstanceEnd, SessionStarted, instance_workflow_id
 from workflows.transfers import HangUpRequest, HangUpResult
+from workflows.types import CallStart
 
 
 async def _eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
@@ -42,52 +44,79 @@ async def _instance_calls(instance: RealtimeInstance, client: Any) -> list[str]:
     return calls
 
 
-async def test_a_dead_process_gets_its_calls_moved_and_a_live_one_keeps_them(
-    time_skipping_env: WorkflowEnvironment, db_settings: Settings
-) -> None:
-    client = time_skipping_env.client
-    start = _make_call(db_settings, "web")
+@dataclass
+class _Scene:
+    """A call's workflow on a worker of its own, and two realtime processes (not started)."""
+
+    client: Client
+    start: CallStart
+    handle: WorkflowHandle[Any, Any]
+    first: RealtimeInstance
+    second: RealtimeInstance
+
+
+@contextlib.asynccontextmanager
+async def _a_call_and_two_processes(
+    env: WorkflowEnvironment,
+    db_settings: Settings,
+    transport: str,
+    *,
+    carrier_call_id: str | None = None,
+    twilio: Settings | None = None,
+) -> AsyncIterator[_Scene]:
+    """``twilio``: settings that point the call moves at a Twilio REST emulator."""
+    client = env.client
+    start = _make_call(db_settings, transport, carrier_call_id=carrier_call_id)
     engine = create_async_db_engine(db_settings)
     task_queue = f"calls-{uuid.uuid4().hex[:6]}"
     calls = CallActivities(engine)
+    moves = CallMoveActivities(calls.sessions, twilio, realtime_url="ws://127.0.0.1:9")
     first = RealtimeInstance(client, task_queue, instance_id=f"a-{uuid.uuid4().hex[:6]}")
     second = RealtimeInstance(client, task_queue, instance_id=f"b-{uuid.uuid4().hex[:6]}")
     try:
-        async with build_worker(
-            client, task_queue, calls, moves=CallMoveActivities(calls.sessions, None)
-        ):
+        async with build_worker(client, task_queue, calls, moves=moves):
             handle: WorkflowHandle[Any, Any] = await client.start_workflow(
                 "CallWorkflow", start, id=start.call_id, task_queue=task_queue
             )
-            await first.start()
-            first.register(start.call_id, lambda _: None)
-            await handle.signal("answered", SessionStarted(first.instance_id))
-            # The CallWorkflow itself puts the call on the process's list.
-            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(first, client)))
-            await asyncio.sleep(2.5)  # beating in real time: nothing happens
-            assert await _move_calls(handle) == 0
-
-            await first.aclose()  # the process dies with its call: no more beats
-            lost = client.get_workflow_handle(
-                instance_workflow_id(first.instance_id), result_type=InstanceEnd
-            )
-            end = await lost.result()  # skips time until the beats are overdue
-            assert end.outcome == "lost" and end.calls == [start.call_id]
-            await _eventually(lambda: _equals(1, lambda: _move_calls(handle)))
-
-            # The web client reconnected to another process, which serves the call now.
-            await second.start()
-            await handle.signal("answered", SessionStarted(second.instance_id))
-            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(second, client)))
-            await asyncio.sleep(2.5)
-            assert await _move_calls(handle) == 1
-            await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
-            result = await handle.result()
-            # The ended call is off the second process's list.
-            assert await _instance_calls(second, client) == []
+            yield _Scene(client, start, handle, first, second)
     finally:
+        await first.aclose()
         await second.aclose()
         await engine.dispose()
+
+
+async def test_a_dead_process_gets_its_calls_moved_and_a_live_one_keeps_them(
+    time_skipping_env: WorkflowEnvironment, db_settings: Settings
+) -> None:
+    async with _a_call_and_two_processes(time_skipping_env, db_settings, "web") as scene:
+        client, call_id, handle = scene.client, scene.start.call_id, scene.handle
+        first, second = scene.first, scene.second
+        await first.start()
+        first.register(call_id, lambda _: None)
+        await handle.signal("answered", SessionStarted(first.instance_id))
+        # The CallWorkflow itself puts the call on the process's list.
+        await _eventually(lambda: _in(call_id, lambda: _instance_calls(first, client)))
+        await asyncio.sleep(2.5)  # beating in real time: nothing happens
+        assert await _move_calls(handle) == 0
+
+        await first.aclose()  # the process dies with its call: no more beats
+        lost = client.get_workflow_handle(
+            instance_workflow_id(first.instance_id), result_type=InstanceEnd
+        )
+        end = await lost.result()  # skips time until the beats are overdue
+        assert end.outcome == "lost" and end.calls == [call_id]
+        await _eventually(lambda: _equals(1, lambda: _move_calls(handle)))
+
+        # The web client reconnected to another process, which serves the call now.
+        await second.start()
+        await handle.signal("answered", SessionStarted(second.instance_id))
+        await _eventually(lambda: _in(call_id, lambda: _instance_calls(second, client)))
+        await asyncio.sleep(2.5)
+        assert await _move_calls(handle) == 1
+        await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
+        result = await handle.result()
+        # The ended call is off the second process's list.
+        assert await _instance_calls(second, client) == []
     assert result["ended_reason"] == EndedReason.CALLER_HANGUP
 
 
@@ -98,44 +127,32 @@ async def test_a_call_the_carrier_streams_again_is_not_moved_a_second_time(
     API, which streams the call again and tells the workflow (``restreaming``). The dead
     process's loss reaches the call before the new session says ``answered`` (a slow
     reconnection): the call is not moved again - that would cut the new stream."""
-    client = time_skipping_env.client
-    start = _make_call(db_settings, "twilio", carrier_call_id=f"CA{uuid.uuid4().hex}")
-    engine = create_async_db_engine(db_settings)
-    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
-    calls = CallActivities(engine)
-    first = RealtimeInstance(client, task_queue, instance_id=f"a-{uuid.uuid4().hex[:6]}")
-    second = RealtimeInstance(client, task_queue, instance_id=f"b-{uuid.uuid4().hex[:6]}")
-    try:
-        async with build_worker(
-            client, task_queue, calls, moves=CallMoveActivities(calls.sessions, None)
-        ):
-            handle: WorkflowHandle[Any, Any] = await client.start_workflow(
-                "CallWorkflow", start, id=start.call_id, task_queue=task_queue
-            )
-            await first.start()
-            first.register(start.call_id, lambda _: None)
-            await handle.signal("answered", SessionStarted(first.instance_id))
-            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(first, client)))
+    async with _a_call_and_two_processes(
+        time_skipping_env, db_settings, "twilio", carrier_call_id=f"CA{uuid.uuid4().hex}"
+    ) as scene:
+        client, call_id, handle = scene.client, scene.start.call_id, scene.handle
+        first, second = scene.first, scene.second
+        await first.start()
+        first.register(call_id, lambda _: None)
+        await handle.signal("answered", SessionStarted(first.instance_id))
+        await _eventually(lambda: _in(call_id, lambda: _instance_calls(first, client)))
 
-            await first.aclose()  # killed: its stream closes, Twilio asks the API
-            await handle.signal("restreaming")
-            lost = client.get_workflow_handle(
-                instance_workflow_id(first.instance_id), result_type=InstanceEnd
-            )
-            assert (await lost.result()).outcome == "lost"
-            await _eventually(lambda: _handled(handle, "session_lost"))
-            assert await _move_calls(handle) == 0
+        await first.aclose()  # killed: its stream closes, Twilio asks the API
+        await handle.signal("restreaming")
+        lost = client.get_workflow_handle(
+            instance_workflow_id(first.instance_id), result_type=InstanceEnd
+        )
+        assert (await lost.result()).outcome == "lost"
+        await _eventually(lambda: _handled(handle, "session_lost"))
+        assert await _move_calls(handle) == 0
 
-            await second.start()
-            await handle.signal("answered", SessionStarted(second.instance_id))
-            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(second, client)))
-            await asyncio.sleep(2.5)  # beating in real time: nothing happens
-            assert await _move_calls(handle) == 0
-            await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
-            result = await handle.result()
-    finally:
-        await second.aclose()
-        await engine.dispose()
+        await second.start()
+        await handle.signal("answered", SessionStarted(second.instance_id))
+        await _eventually(lambda: _in(call_id, lambda: _instance_calls(second, client)))
+        await asyncio.sleep(2.5)  # beating in real time: nothing happens
+        assert await _move_calls(handle) == 0
+        await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
+        result = await handle.result()
     assert result["ended_reason"] == EndedReason.CALLER_HANGUP
 
 
@@ -145,37 +162,24 @@ async def test_a_call_streamed_again_to_another_live_process_leaves_the_first_s_
     """The network drops a Twilio call's stream; its process lives on. Twilio streams the
     call again and another process takes it: the call moves to that process's watch list
     and off the first one's, which would otherwise keep it for the process's life."""
-    client = time_skipping_env.client
-    start = _make_call(db_settings, "twilio", carrier_call_id=f"CA{uuid.uuid4().hex}")
-    engine = create_async_db_engine(db_settings)
-    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
-    calls = CallActivities(engine)
-    first = RealtimeInstance(client, task_queue, instance_id=f"a-{uuid.uuid4().hex[:6]}")
-    second = RealtimeInstance(client, task_queue, instance_id=f"b-{uuid.uuid4().hex[:6]}")
-    try:
-        async with build_worker(
-            client, task_queue, calls, moves=CallMoveActivities(calls.sessions, None)
-        ):
-            handle: WorkflowHandle[Any, Any] = await client.start_workflow(
-                "CallWorkflow", start, id=start.call_id, task_queue=task_queue
-            )
-            await first.start()
-            await second.start()
-            await handle.signal("answered", SessionStarted(first.instance_id))
-            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(first, client)))
+    async with _a_call_and_two_processes(
+        time_skipping_env, db_settings, "twilio", carrier_call_id=f"CA{uuid.uuid4().hex}"
+    ) as scene:
+        client, call_id, handle = scene.client, scene.start.call_id, scene.handle
+        first, second = scene.first, scene.second
+        await first.start()
+        await second.start()
+        await handle.signal("answered", SessionStarted(first.instance_id))
+        await _eventually(lambda: _in(call_id, lambda: _instance_calls(first, client)))
 
-            await handle.signal("restreaming")
-            await handle.signal("answered", SessionStarted(second.instance_id))
-            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(second, client)))
-            await _eventually(lambda: _equals(0, lambda: _count(first, client)))
-            assert await _move_calls(handle) == 0
-            await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
-            result = await handle.result()
-            assert await _instance_calls(second, client) == []
-    finally:
-        await first.aclose()
-        await second.aclose()
-        await engine.dispose()
+        await handle.signal("restreaming")
+        await handle.signal("answered", SessionStarted(second.instance_id))
+        await _eventually(lambda: _in(call_id, lambda: _instance_calls(second, client)))
+        await _eventually(lambda: _equals(0, lambda: _count(first, client)))
+        assert await _move_calls(handle) == 0
+        await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
+        result = await handle.result()
+        assert await _instance_calls(second, client) == []
     assert result["ended_reason"] == EndedReason.CALLER_HANGUP
 
 
@@ -190,44 +194,33 @@ async def test_a_session_that_answers_while_the_call_is_being_moved_keeps_it(
     Twilio redirects the call at once and the new session says ``answered`` before the
     update's own answer is back: the call has arrived, so the workflow does not wait for
     it (a grace timer) and never moves it again."""
-    client = time_skipping_env.client
     call_sid = f"CA{uuid.uuid4().hex}"
-    start = _make_call(db_settings, "twilio", carrier_call_id=call_sid)
-    engine = create_async_db_engine(db_settings)
-    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
-    calls = CallActivities(engine)
-    second = RealtimeInstance(client, task_queue, instance_id=f"b-{uuid.uuid4().hex[:6]}")
     async with TwilioRestEmulator() as rest:
         rest.update_latency_s = 1.0
-        settings = db_settings.model_copy(
+        twilio = db_settings.model_copy(
             update={
                 "twilio_account_sid": rest.account_sid,
                 "twilio_auth_token": SecretStr(rest.auth_token),
                 "twilio_api_base_url": rest.url,
             }
         )
-        moves = CallMoveActivities(calls.sessions, settings, realtime_url="ws://127.0.0.1:9")
-        try:
-            async with build_worker(client, task_queue, calls, moves=moves):
-                handle: WorkflowHandle[Any, Any] = await client.start_workflow(
-                    "CallWorkflow", start, id=start.call_id, task_queue=task_queue
-                )
-                # A process that is gone already: the call is moved at once.
-                await handle.signal("answered", SessionStarted(f"gone-{uuid.uuid4().hex[:6]}"))
-                async with asyncio.timeout(10):
-                    while not rest.updates(call_sid):
-                        await asyncio.sleep(0.02)
-                await second.start()
-                await handle.signal("answered", SessionStarted(second.instance_id))
-                await _eventually(lambda: _moved(handle), within=15)
-                assert await _timers_after_the_move(handle) == [0]
-                await asyncio.sleep(2.5)  # the second process beats: nothing happens
-                assert await _move_calls(handle) == 1
-                await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
-                result = await handle.result()
-        finally:
-            await second.aclose()
-            await engine.dispose()
+        async with _a_call_and_two_processes(
+            time_skipping_env, db_settings, "twilio", carrier_call_id=call_sid, twilio=twilio
+        ) as scene:
+            handle, second = scene.handle, scene.second
+            # A process that is gone already: the call is moved at once.
+            await handle.signal("answered", SessionStarted(f"gone-{uuid.uuid4().hex[:6]}"))
+            async with asyncio.timeout(10):
+                while not rest.updates(call_sid):
+                    await asyncio.sleep(0.02)
+            await second.start()
+            await handle.signal("answered", SessionStarted(second.instance_id))
+            await _eventually(lambda: _moved(handle), within=15)
+            assert await _timers_after_the_move(handle) == [0]
+            await asyncio.sleep(2.5)  # the second process beats: nothing happens
+            assert await _move_calls(handle) == 1
+            await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
+            result = await handle.result()
     assert result["ended_reason"] == EndedReason.CALLER_HANGUP
     assert len(rest.updates(call_sid)) == 1
 
@@ -256,32 +249,24 @@ async def test_a_call_streamed_again_that_no_session_takes_is_moved_after_the_gr
 ) -> None:
     """``restreaming``, and then no new session says ``answered``: the workflow moves the
     call itself once the grace period is over (it does not wait forever)."""
-    client = time_skipping_env.client
-    start = _make_call(db_settings, "web")
-    engine = create_async_db_engine(db_settings)
-    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
-    calls = CallActivities(engine)
-    first = RealtimeInstance(client, task_queue, instance_id=f"a-{uuid.uuid4().hex[:6]}")
-    try:
-        async with build_worker(
-            client, task_queue, calls, moves=CallMoveActivities(calls.sessions, None)
-        ):
-            handle: WorkflowHandle[Any, Any] = await client.start_workflow(
-                "CallWorkflow", start, id=start.call_id, task_queue=task_queue
-            )
-            await first.start()
-            first.register(start.call_id, lambda _: None)
-            await handle.signal("answered", SessionStarted(first.instance_id))
-            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(first, client)))
-            await first.aclose()
-            await handle.signal("restreaming")
-            await _eventually(lambda: _handled(handle, "restreaming"))
-            await time_skipping_env.sleep(30)  # past the 20 s grace, short of a second
-            assert await _move_calls(handle) == 1
-            await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
-            result = await handle.result()
-    finally:
-        await engine.dispose()
+    async with _a_call_and_two_processes(time_skipping_env, db_settings, "web") as scene:
+        client, call_id, handle, first = (
+            scene.client,
+            scene.start.call_id,
+            scene.handle,
+            scene.first,
+        )
+        await first.start()
+        first.register(call_id, lambda _: None)
+        await handle.signal("answered", SessionStarted(first.instance_id))
+        await _eventually(lambda: _in(call_id, lambda: _instance_calls(first, client)))
+        await first.aclose()
+        await handle.signal("restreaming")
+        await _eventually(lambda: _handled(handle, "restreaming"))
+        await time_skipping_env.sleep(30)  # past the 20 s grace, short of a second
+        assert await _move_calls(handle) == 1
+        await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
+        result = await handle.result()
     assert result["ended_reason"] == EndedReason.CALLER_HANGUP
 
 
@@ -299,41 +284,29 @@ async def _handled(handle: WorkflowHandle[Any, Any], signal: str) -> bool:
 async def test_a_supervisor_hangup_reaches_the_web_session_through_its_process(
     time_skipping_env: WorkflowEnvironment, db_settings: Settings
 ) -> None:
-    client = time_skipping_env.client
-    start = _make_call(db_settings, "web")
-    engine = create_async_db_engine(db_settings)
-    task_queue = f"calls-{uuid.uuid4().hex[:6]}"
-    calls = CallActivities(engine)
-    instance = RealtimeInstance(client, task_queue, instance_id=f"c-{uuid.uuid4().hex[:6]}")
     told: list[str] = []
-    try:
-        async with build_worker(client, task_queue, calls):
-            handle: WorkflowHandle[Any, Any] = await client.start_workflow(
-                "CallWorkflow", start, id=start.call_id, task_queue=task_queue
+    async with _a_call_and_two_processes(time_skipping_env, db_settings, "web") as scene:
+        client, start, handle, instance = scene.client, scene.start, scene.handle, scene.first
+        await instance.start()
+        lifecycle = TemporalCallLifecycle(
+            client, start.call_id, instance=instance, on_workflow_closed=told.append
+        )
+        lifecycle.answered()
+        await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(instance, client)))
+        hangup = asyncio.create_task(
+            handle.execute_update(
+                "supervisor_hangup",
+                HangUpRequest(start.call_id, start.organization_id),
+                result_type=HangUpResult,
             )
-            await instance.start()
-            lifecycle = TemporalCallLifecycle(
-                client, start.call_id, instance=instance, on_workflow_closed=told.append
-            )
-            lifecycle.answered()
-            await _eventually(lambda: _in(start.call_id, lambda: _instance_calls(instance, client)))
-            hangup = asyncio.create_task(
-                handle.execute_update(
-                    "supervisor_hangup",
-                    HangUpRequest(start.call_id, start.organization_id),
-                    result_type=HangUpResult,
-                )
-            )
-            await _eventually(lambda: _truthy(told), within=5)
-            assert told == [EndedReason.SUPERVISOR_HANGUP]
-            # The session ends the call the way it ends any call: its last signals go.
-            lifecycle.ended(told[0])
-            await lifecycle.aclose()
-            assert (await hangup).status == "ended"
-            result = await handle.result()
-    finally:
-        await instance.aclose()
-        await engine.dispose()
+        )
+        await _eventually(lambda: _truthy(told), within=5)
+        assert told == [EndedReason.SUPERVISOR_HANGUP]
+        # The session ends the call the way it ends any call: its last signals go.
+        lifecycle.ended(told[0])
+        await lifecycle.aclose()
+        assert (await hangup).status == "ended"
+        result = await handle.result()
     assert result["ended_reason"] == EndedReason.SUPERVISOR_HANGUP
 
 
