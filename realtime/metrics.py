@@ -13,6 +13,7 @@ class TurnMetrics:
     latency runs from there to the first frame of the answer sent to the caller.
     """
 
+    speech_start: float | None = None  # the caller's turn began (their voice, a key)
     speech_end: float | None = None
     endpoint: float | None = None
     asr_final: float | None = None

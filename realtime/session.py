@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -288,6 +289,7 @@ class CallSession:
                     interrupted=True,
                     latency=metrics.as_latency_ms() if metrics else {},
                     tool_calls=reply.transcript_calls() if reply else None,
+                    started=metrics.first_audio if metrics else None,
                 )
         if self.ended_reason == HANDED_OVER:
             # The workflow must not hear of an end: the call is resuming elsewhere. What
@@ -424,8 +426,9 @@ class CallSession:
         if self.state.phase in (CallPhase.SPEAKING, CallPhase.PROCESSING):
             await self._interrupt()
         self.state.to(CallPhase.PROCESSING)
-        self._caller_said(f"(The caller pressed the keys: {digits})")
-        metrics = TurnMetrics(speech_end=self.clock(), endpoint=self.clock())
+        now = self.clock()
+        self._caller_said(f"(The caller pressed the keys: {digits})", started=now)
+        metrics = TurnMetrics(speech_start=now, speech_end=now, endpoint=now)
         self._start_response(self._answer_with_llm(metrics))
 
     # ------------------------------------------------------------ turn taking
@@ -501,7 +504,9 @@ class CallSession:
         if speech_end is None:
             return
         speech_end_at, now = self._wall(speech_end), self.clock()
+        onset = self.tracker.speech_onset_ms
         metrics = TurnMetrics(
+            speech_start=self._wall(onset) if onset is not None else None,
             speech_end=speech_end_at,
             endpoint=now,
             window_s=self.policy.silence_needed_ms(self._caller_text()) / 1000.0,
@@ -573,12 +578,12 @@ class CallSession:
             self._arm_silence_timer()
             return
         if text:
-            self._caller_said(text)
+            self._caller_said(text, started=metrics.speech_start)
         self._unanswered = False
         await self._answer_with_llm(metrics)
 
-    def _caller_said(self, text: str) -> None:
-        self._commit(Speaker.CALLER, text)
+    def _caller_said(self, text: str, *, started: float | None) -> None:
+        self._commit(Speaker.CALLER, text, started=started)
         self.conversation.add_user(text)
         # The caller is there: the next silence gets its "are you still there?" again.
         self._reprompted = False
@@ -715,6 +720,7 @@ class CallSession:
             answer,
             latency=metrics.as_latency_ms(),
             tool_calls=reply.transcript_calls() if reply else None,
+            started=metrics.first_audio,
         )
         # With tools, the words before each round are in the conversation already.
         self.conversation.add_assistant(reply.take_round_text() if reply else answer)
@@ -810,6 +816,7 @@ class CallSession:
                 interrupted=True,
                 latency=metrics.as_latency_ms() if metrics else {},
                 tool_calls=reply.transcript_calls() if reply else None,
+                started=metrics.first_audio if metrics else None,
             )
             # Running tools go on; their results reach the conversation when they arrive.
             new_words = reply.unrecorded(heard) if reply else heard
@@ -877,13 +884,22 @@ class CallSession:
         interrupted: bool = False,
         latency: dict[str, float] | None = None,
         tool_calls: list[dict[str, Any]] | None = None,
+        started: float | None = None,
     ) -> None:
+        """``started``: when the turn began, on the session's clock (the caller's voice;
+        the answer's first frame sent)."""
+        ended_at = utcnow()
         turn = CommittedTurn(
             index=self._turn_index,
             speaker=str(speaker),
             text=text,
             interrupted=interrupted,
-            ended_at=utcnow(),
+            started_at=(
+                None
+                if started is None
+                else ended_at - timedelta(seconds=max(0.0, self.clock() - started))
+            ),
+            ended_at=ended_at,
             latency=latency or {},
             tool_calls=tool_calls or [],
         )

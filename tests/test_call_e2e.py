@@ -5,7 +5,9 @@ server, and what the call API, the recording and the workflow history say afterw
 from __future__ import annotations
 
 import asyncio
+import itertools
 import wave
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,14 @@ async def test_a_phone_call_end_to_end(tmp_path: Path) -> None:
         heard = turns[4]["text"]
         assert heard and SERVICES.startswith(heard) and len(heard) < len(SERVICES) / 2
         assert turns[6]["text"] == WALK_INS
+        # Each turn's time: from the caller's first word (the agent's first audio sent) to
+        # its commit; one after the other.
+        spans = [(_at(t["started_at"]), _at(t["ended_at"])) for t in turns]
+        assert all(start <= end for start, end in spans), spans
+        assert all(a[0] < b[0] for a, b in itertools.pairwise(spans)), spans
+        asked, answered = spans[1], spans[2]
+        assert 0.8 < (asked[1] - asked[0]).total_seconds() < 4  # ~1.4 s of speech, ASR
+        assert asked[1] <= answered[0]
         latency = turns[2]["latency"]
         for name in (
             "endpoint_ms",
@@ -180,3 +190,8 @@ async def test_a_phone_call_end_to_end(tmp_path: Path) -> None:
 
 def phone_started(phone: Any) -> float:
     return float(min(r.at for r in phone.received))
+
+
+def _at(value: str | None) -> datetime:
+    assert value is not None
+    return datetime.fromisoformat(value)

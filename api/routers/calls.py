@@ -39,6 +39,10 @@ class TurnOut(BaseModel):
     speaker: Literal["caller", "agent"]
     text: str
     interrupted: bool
+    started_at: UtcDatetime | None = Field(
+        description="The caller began to speak (or pressed a key); the agent's first audio "
+        "of the turn went out. Null for turns recorded before this was kept."
+    )
     ended_at: UtcDatetime | None
     latency: dict[str, float] = Field(
         description="Milliseconds after the caller's speech ended: endpoint_ms, asr_final_ms, "
