@@ -54,6 +54,15 @@ class _Scene:
     first: RealtimeInstance
     second: RealtimeInstance
 
+    async def answered_on(self, instance: RealtimeInstance, *, session: bool = False) -> None:
+        """A session on ``instance`` (registered there with ``session``) says ``answered``;
+        returns once the CallWorkflow itself has put the call on that process's list."""
+        call_id = self.start.call_id
+        if session:
+            instance.register(call_id, lambda _: None)
+        await self.handle.signal("answered", SessionStarted(instance.instance_id))
+        await _eventually(lambda: _in(call_id, lambda: _instance_calls(instance, self.client)))
+
 
 @contextlib.asynccontextmanager
 async def _a_call_and_two_processes(
@@ -92,10 +101,7 @@ async def test_a_dead_process_gets_its_calls_moved_and_a_live_one_keeps_them(
         client, call_id, handle = scene.client, scene.start.call_id, scene.handle
         first, second = scene.first, scene.second
         await first.start()
-        first.register(call_id, lambda _: None)
-        await handle.signal("answered", SessionStarted(first.instance_id))
-        # The CallWorkflow itself puts the call on the process's list.
-        await _eventually(lambda: _in(call_id, lambda: _instance_calls(first, client)))
+        await scene.answered_on(first, session=True)
         await asyncio.sleep(2.5)  # beating in real time: nothing happens
         assert await _move_calls(handle) == 0
 
@@ -109,8 +115,7 @@ async def test_a_dead_process_gets_its_calls_moved_and_a_live_one_keeps_them(
 
         # The web client reconnected to another process, which serves the call now.
         await second.start()
-        await handle.signal("answered", SessionStarted(second.instance_id))
-        await _eventually(lambda: _in(call_id, lambda: _instance_calls(second, client)))
+        await scene.answered_on(second)
         await asyncio.sleep(2.5)
         assert await _move_calls(handle) == 1
         await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
@@ -130,12 +135,9 @@ async def test_a_call_the_carrier_streams_again_is_not_moved_a_second_time(
     async with _a_call_and_two_processes(
         time_skipping_env, db_settings, "twilio", carrier_call_id=f"CA{uuid.uuid4().hex}"
     ) as scene:
-        client, call_id, handle = scene.client, scene.start.call_id, scene.handle
-        first, second = scene.first, scene.second
+        client, handle, first, second = scene.client, scene.handle, scene.first, scene.second
         await first.start()
-        first.register(call_id, lambda _: None)
-        await handle.signal("answered", SessionStarted(first.instance_id))
-        await _eventually(lambda: _in(call_id, lambda: _instance_calls(first, client)))
+        await scene.answered_on(first, session=True)
 
         await first.aclose()  # killed: its stream closes, Twilio asks the API
         await handle.signal("restreaming")
@@ -147,8 +149,7 @@ async def test_a_call_the_carrier_streams_again_is_not_moved_a_second_time(
         assert await _move_calls(handle) == 0
 
         await second.start()
-        await handle.signal("answered", SessionStarted(second.instance_id))
-        await _eventually(lambda: _in(call_id, lambda: _instance_calls(second, client)))
+        await scene.answered_on(second)
         await asyncio.sleep(2.5)  # beating in real time: nothing happens
         assert await _move_calls(handle) == 0
         await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
@@ -165,16 +166,13 @@ async def test_a_call_streamed_again_to_another_live_process_leaves_the_first_s_
     async with _a_call_and_two_processes(
         time_skipping_env, db_settings, "twilio", carrier_call_id=f"CA{uuid.uuid4().hex}"
     ) as scene:
-        client, call_id, handle = scene.client, scene.start.call_id, scene.handle
-        first, second = scene.first, scene.second
+        client, handle, first, second = scene.client, scene.handle, scene.first, scene.second
         await first.start()
         await second.start()
-        await handle.signal("answered", SessionStarted(first.instance_id))
-        await _eventually(lambda: _in(call_id, lambda: _instance_calls(first, client)))
+        await scene.answered_on(first)
 
         await handle.signal("restreaming")
-        await handle.signal("answered", SessionStarted(second.instance_id))
-        await _eventually(lambda: _in(call_id, lambda: _instance_calls(second, client)))
+        await scene.answered_on(second)
         await _eventually(lambda: _equals(0, lambda: _count(first, client)))
         assert await _move_calls(handle) == 0
         await handle.signal("ended", str(EndedReason.CALLER_HANGUP))
@@ -250,16 +248,9 @@ async def test_a_call_streamed_again_that_no_session_takes_is_moved_after_the_gr
     """``restreaming``, and then no new session says ``answered``: the workflow moves the
     call itself once the grace period is over (it does not wait forever)."""
     async with _a_call_and_two_processes(time_skipping_env, db_settings, "web") as scene:
-        client, call_id, handle, first = (
-            scene.client,
-            scene.start.call_id,
-            scene.handle,
-            scene.first,
-        )
+        handle, first = scene.handle, scene.first
         await first.start()
-        first.register(call_id, lambda _: None)
-        await handle.signal("answered", SessionStarted(first.instance_id))
-        await _eventually(lambda: _in(call_id, lambda: _instance_calls(first, client)))
+        await scene.answered_on(first, session=True)
         await first.aclose()
         await handle.signal("restreaming")
         await _eventually(lambda: _handled(handle, "restreaming"))

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import json
 import subprocess
 import sys
 import time
 import wave
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -158,12 +159,22 @@ class RecordingTransport:
         self.events.append((asyncio.get_running_loop().time(), "clear", ""))
 
 
-async def test_playout_paces_at_real_time_with_a_lead() -> None:
+@contextlib.asynccontextmanager
+async def _paced(*, lead_ms: float) -> AsyncIterator[tuple[Playout, RecordingTransport]]:
+    """A playout on the event loop's clock, its pacer running."""
     transport = RecordingTransport()
-    loop = asyncio.get_running_loop()
-    playout = Playout(transport, frame_bytes=160, lead_ms=60, clock=loop.time)
+    playout = Playout(
+        transport, frame_bytes=160, lead_ms=lead_ms, clock=asyncio.get_running_loop().time
+    )
     pacer = asyncio.create_task(playout.run())
     try:
+        yield playout, transport
+    finally:
+        pacer.cancel()
+
+
+async def test_playout_paces_at_real_time_with_a_lead() -> None:
+    async with _paced(lead_ms=60) as (playout, transport):
         segment = playout.start_segment("Hello there, how can I help?")
         playout.add_audio(segment, b"\x01" * 160 * 15 + b"\x02" * 50)  # 15 frames + a tail
         playout.end_segment(segment)
@@ -181,16 +192,10 @@ async def test_playout_paces_at_real_time_with_a_lead() -> None:
         assert playout.on_mark("seg-0") is segment
         await asyncio.wait_for(playout.wait_played(), 0.1)
         assert playout.stats.max_late_ms < 20
-    finally:
-        pacer.cancel()
 
 
 async def test_interrupt_clears_and_keeps_only_what_was_heard() -> None:
-    transport = RecordingTransport()
-    loop = asyncio.get_running_loop()
-    playout = Playout(transport, frame_bytes=160, lead_ms=0, clock=loop.time)
-    pacer = asyncio.create_task(playout.run())
-    try:
+    async with _paced(lead_ms=0) as (playout, transport):
         first = playout.start_segment("We open at nine.")
         playout.add_audio(first, b"\x01" * 160 * 5)  # 100 ms
         playout.end_segment(first)
@@ -219,8 +224,6 @@ async def test_interrupt_clears_and_keeps_only_what_was_heard() -> None:
         await asyncio.sleep(0.1)
         after = [e[2] for e in transport.events[cleared_at:] if e[1] == "media"]
         assert after == [b"\x04" * 160] * 2
-    finally:
-        pacer.cancel()
 
 
 def test_cut_at_fraction_keeps_whole_words() -> None:
@@ -434,11 +437,7 @@ async def test_a_late_event_loop_makes_the_process_busy_but_refuses_no_stream() 
 
 
 async def test_playout_tells_a_gap_inside_a_sentence_from_one_between_sentences() -> None:
-    transport = RecordingTransport()
-    loop = asyncio.get_running_loop()
-    playout = Playout(transport, frame_bytes=160, lead_ms=0, clock=loop.time)
-    pacer = asyncio.create_task(playout.run())
-    try:
+    async with _paced(lead_ms=0) as (playout, _):
         first = playout.start_segment("We open at nine.")
         playout.add_audio(first, b"\x01" * 160 * 2)  # 40 ms, then its audio is late
         await asyncio.sleep(0.12)
@@ -454,5 +453,3 @@ async def test_playout_tells_a_gap_inside_a_sentence_from_one_between_sentences(
         await asyncio.sleep(0.05)
         assert 60 <= playout.stats.max_gap_in_segment_ms < 130
         assert 110 <= playout.stats.max_gap_between_segments_ms < 400
-    finally:
-        pacer.cancel()
