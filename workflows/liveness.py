@@ -122,11 +122,14 @@ class Liveness:
         if instance_id != self.instance:
             self._leave()
             self.instance = instance_id
+            # Back on a process it left: that list holds the call still, and keeps it.
+            self.left = [left for left in self.left if left != instance_id]
         self.lost = False
 
     def _leave(self) -> None:
-        """The call is done with its current process."""
-        if self.instance is not None and self.registered:
+        """The call is done with its current process. A lost one's instance workflow has
+        ended with its list: nothing to take the call off."""
+        if self.instance is not None and self.registered and not self.lost:
             self.left.append(self.instance)
         self.registered = False
 
